@@ -1,0 +1,1 @@
+//! The in-guest agent; arrives with the agent issue.

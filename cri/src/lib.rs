@@ -1,0 +1,1 @@
+//! huskd, the CRI server; arrives with the CRI issue.

@@ -1,0 +1,1 @@
+//! Test support: see tests/ for the test binaries.

@@ -1,0 +1,3 @@
+//! Tests that need a usable /dev/kvm: run inside the lab (`scripts/test` does it), or
+//! directly on a host with hardware virtualization.
+mod smoke;

@@ -1,0 +1,3 @@
+//! Emulated devices: legacy PC pieces on the I/O bus and virtio devices on MMIO.
+pub mod legacy;
+pub mod virtio;

@@ -1,0 +1,802 @@
+//! virtio-fs (device type 26) served by virtiofsd over vhost-user.
+//!
+//! The VMM does not parse FUSE: virtiofsd maps guest memory (memfd regions sent with
+//! SET_MEM_TABLE), reads the guest's kicks straight from the queues' ioeventfds and processes
+//! the rings itself. What stays in the VMM is the virtio side that virtiofsd cannot see: config
+//! space (tag, number of request queues), feature negotiation with the guest, and interrupts.
+//! virtiofsd signals a call eventfd per queue that this device owns; the event loop turns each
+//! signal into `IrqTrigger::signal_used`, because the MMIO transport's InterruptStatus must have
+//! the VRING bit set or the guest's interrupt handler ignores the interrupt (so virtiofsd cannot
+//! be handed the irqfd directly).
+//!
+//! Why vhost-user rather than an in-process FUSE server (fuse-backend-rs): that crate pins
+//! vm-memory =0.17.1 while husk uses 0.18, and a separate daemon also keeps host file system
+//! access out of the VMM process and its seccomp filter.
+//!
+//! Threads: `Fs::new` runs on the VMM's main thread, `activate` and `reset` on a vCPU thread (the
+//! transport), `process` on the event loop; the device sits behind a mutex shared by both.
+
+mod memory;
+#[cfg(test)]
+mod tests;
+mod watchdog;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES};
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, Queue, QueueT,
+    VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+use watchdog::Watchdog;
+
+pub use memory::shared_guest_memory;
+
+/// Longest tag the config space holds (virtio spec 5.11.4); the guest mounts by this name.
+pub const TAG_MAX_LEN: usize = 36;
+/// Largest split-queue size the virtio spec allows (and virtiofsd accepts).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// A sensible queue size (Cloud Hypervisor's default).
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+
+const CONFIG_LEN: usize = TAG_MAX_LEN + 4;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+
+/// Virtio features of virtiofsd the guest may see. They only concern how the rings are
+/// processed, which virtiofsd does, so the VMM passes them through. Everything else it offers
+/// is dropped: vhost-user-only bits (PROTOCOL_FEATURES, LOG_ALL) mean nothing to a guest, and
+/// bits we do not know we cannot vouch for (e.g. packed rings, which our transport lacks).
+const PASSTHROUGH_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+
+/// vhost-user protocol features we use when virtiofsd has them: MQ to check it serves enough
+/// queues, REPLY_ACK so a failed SET_* is reported instead of silently ignored, RESET_DEVICE to
+/// support a guest-driven device reset. CONFIG is not used: the VMM builds config space itself.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+/// How long `Fs::new` keeps retrying to connect: virtiofsd may have been started just before
+/// and not be listening yet.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_RETRY: Duration = Duration::from_millis(20);
+/// Bound on one round of vhost-user messages (handshake, activation, reset).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Event-loop tokens; call fds use their queue index.
+const ACTIVATE_TOKEN: u32 = u32::MAX;
+const SOCKET_TOKEN: u32 = u32::MAX - 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("invalid virtio-fs tag {tag:?}: {reason}")]
+    InvalidTag { tag: String, reason: &'static str },
+    #[error("virtio-fs needs at least one request queue")]
+    NoRequestQueue,
+    #[error("invalid virtio-fs queue size {0}: must be a power of two from 1 to {MAX_QUEUE_SIZE}")]
+    InvalidQueueSize(u16),
+    #[error("cannot connect to virtiofsd at {}: {source} (is virtiofsd running on that socket?)", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vhost-user socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("vhost-user {step} with virtiofsd failed: {source}")]
+    Handshake {
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("virtiofsd did not answer vhost-user {step} within {limit:?}")]
+    Timeout { step: &'static str, limit: Duration },
+    #[error("virtiofsd does not offer {0}, which virtio-fs over vhost-user needs")]
+    MissingBackendFeature(&'static str),
+    #[error(
+        "virtiofsd serves at most {max} queues; {wanted} requested (1 hiprio + request queues)"
+    )]
+    TooManyQueues { wanted: usize, max: u64 },
+    #[error("cannot create eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot create memfd for guest memory: {0}")]
+    Memfd(#[source] std::io::Error),
+    #[error("cannot build shared guest memory: {0}")]
+    GuestMemory(String),
+}
+
+/// Where to find the virtiofsd binary: `$HUSK_VIRTIOFSD`, then the copy scripts/setup builds in
+/// `${HUSK_CACHE:-/var/cache/husk}/virtiofsd/bin/virtiofsd`, then `PATH`.
+pub fn virtiofsd_path() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("HUSK_VIRTIOFSD").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        if is_executable(&path) {
+            return Some(path);
+        }
+        tracing::warn!(
+            "HUSK_VIRTIOFSD={} is not an executable file; looking elsewhere",
+            path.display()
+        );
+    }
+    let cache = std::env::var_os("HUSK_CACHE")
+        .filter(|c| !c.is_empty())
+        .map_or_else(|| PathBuf::from("/var/cache/husk"), PathBuf::from);
+    let cached = cache.join("virtiofsd/bin/virtiofsd");
+    if is_executable(&cached) {
+        return Some(cached);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("virtiofsd"))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Checks a tag and lays out config space: tag (NUL-padded), then num_request_queues (le32).
+fn build_config(tag: &str, num_request_queues: u32) -> Result<[u8; CONFIG_LEN], FsError> {
+    let invalid = |reason| FsError::InvalidTag {
+        tag: tag.to_owned(),
+        reason,
+    };
+    if tag.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if tag.len() > TAG_MAX_LEN {
+        return Err(invalid("longer than 36 bytes"));
+    }
+    // The guest reads the tag up to the first NUL, so a NUL inside would silently shorten it.
+    if tag.bytes().any(|b| b == 0) {
+        return Err(invalid("contains a NUL byte"));
+    }
+    let mut config = [0u8; CONFIG_LEN];
+    config[..tag.len()].copy_from_slice(tag.as_bytes());
+    config[TAG_MAX_LEN..].copy_from_slice(&num_request_queues.to_le_bytes());
+    Ok(config)
+}
+
+/// Features offered to the guest given what virtiofsd offers.
+fn guest_features(backend_features: u64) -> u64 {
+    VIRTIO_F_VERSION_1 | (backend_features & PASSTHROUGH_FEATURES)
+}
+
+/// Connection limits; tests shorten them.
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    connect: Duration,
+    exchange: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: CONNECT_TIMEOUT,
+            exchange: EXCHANGE_TIMEOUT,
+        }
+    }
+}
+
+/// What an activation handed over; dropped on reset.
+struct Active {
+    irq: IrqTrigger,
+    /// Queues given to virtiofsd (the ready ones), to stop them on reset.
+    started: Vec<usize>,
+    /// Kept open for the device's life: KVM writes them and virtiofsd holds copies.
+    _queue_evts: Vec<EventFd>,
+    /// Keeps the mappings virtiofsd was told about alive as long as it may use them.
+    _mem: GuestMemory,
+}
+
+pub struct Fs {
+    tag: String,
+    config: [u8; CONFIG_LEN],
+    queue_sizes: Vec<u16>,
+    avail_features: u64,
+    acked_features: u64,
+    protocol_features: VhostUserProtocolFeatures,
+    frontend: Frontend,
+    /// A second handle on the vhost-user socket, watched by the event loop for hang-up.
+    sock: UnixStream,
+    watchdog: Watchdog,
+    exchange_timeout: Duration,
+    activate_evt: EventFd,
+    /// One per queue: virtiofsd writes them when it has used buffers.
+    call_evts: Vec<EventFd>,
+    calls_registered: bool,
+    active: Option<Active>,
+    /// A vhost-user exchange failed part-way, so requests and replies may be out of step.
+    broken: bool,
+    backend_gone: Arc<AtomicBool>,
+}
+
+impl Fs {
+    /// Connects to virtiofsd's vhost-user socket and negotiates features. `num_request_queues`
+    /// request queues plus one high-priority queue, each at most `queue_size` entries.
+    pub fn new(
+        socket_path: impl AsRef<Path>,
+        tag: &str,
+        num_request_queues: usize,
+        queue_size: u16,
+    ) -> Result<Fs, FsError> {
+        Self::with_timeouts(
+            socket_path.as_ref(),
+            tag,
+            num_request_queues,
+            queue_size,
+            Timeouts::default(),
+        )
+    }
+
+    fn with_timeouts(
+        socket_path: &Path,
+        tag: &str,
+        num_request_queues: usize,
+        queue_size: u16,
+        timeouts: Timeouts,
+    ) -> Result<Fs, FsError> {
+        if num_request_queues == 0 {
+            return Err(FsError::NoRequestQueue);
+        }
+        let nrq = u32::try_from(num_request_queues)
+            .ok()
+            .filter(|&n| n < u32::from(MAX_QUEUE_SIZE))
+            .ok_or(FsError::TooManyQueues {
+                wanted: num_request_queues.saturating_add(1),
+                max: u64::from(MAX_QUEUE_SIZE),
+            })?;
+        let config = build_config(tag, nrq)?;
+        if queue_size == 0 || !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
+            return Err(FsError::InvalidQueueSize(queue_size));
+        }
+        let num_queues = num_request_queues + 1;
+
+        let stream = connect(socket_path, timeouts.connect)?;
+        let sock = stream.try_clone().map_err(FsError::Socket)?;
+        let watchdog = Watchdog::start(stream.try_clone().map_err(FsError::Socket)?)
+            .map_err(FsError::Socket)?;
+        let mut frontend = Frontend::from_stream(stream, num_queues as u64);
+
+        let (backend_features, protocol_features) = {
+            let _armed = watchdog.arm(timeouts.exchange, "handshake");
+            let fail = |step, source| {
+                if watchdog.fired() {
+                    FsError::Timeout {
+                        step,
+                        limit: timeouts.exchange,
+                    }
+                } else {
+                    FsError::Handshake { step, source }
+                }
+            };
+            handshake(&mut frontend, num_queues, fail)?
+        };
+
+        let avail_features = guest_features(backend_features);
+        tracing::info!(
+            tag,
+            socket = %socket_path.display(),
+            backend_features = format_args!("{backend_features:#x}"),
+            protocol_features = format_args!("{:#x}", protocol_features.bits()),
+            guest_features = format_args!("{avail_features:#x}"),
+            "virtio-fs: connected to virtiofsd"
+        );
+
+        let call_evts = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(FsError::EventFd)?;
+        Ok(Fs {
+            tag: tag.to_owned(),
+            config,
+            queue_sizes: vec![queue_size; num_queues],
+            avail_features,
+            acked_features: 0,
+            protocol_features,
+            frontend,
+            sock,
+            watchdog,
+            exchange_timeout: timeouts.exchange,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)?,
+            call_evts,
+            calls_registered: false,
+            active: None,
+            broken: false,
+            backend_gone: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Set by the event loop when virtiofsd closes the connection (it exited or was killed).
+    /// The guest's file system requests then hang; the VMM may read this to report it.
+    pub fn backend_gone_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.backend_gone)
+    }
+
+    pub fn is_backend_gone(&self) -> bool {
+        self.backend_gone.load(Ordering::SeqCst)
+    }
+
+    /// Maps a vhost-user failure during activation or reset to a message, telling a timeout
+    /// apart from an error answer, and remembers that the connection can no longer be trusted.
+    fn exchange_failed(&mut self, step: &'static str, err: vhost::Error) -> String {
+        self.broken = true;
+        if self.watchdog.fired() {
+            format!(
+                "virtio-fs: virtiofsd did not answer {step} within {:?}",
+                self.exchange_timeout
+            )
+        } else {
+            format!("virtio-fs: vhost-user {step} failed: {err}")
+        }
+    }
+
+    /// Hands guest memory and the queues to virtiofsd. Everything is checked before the first
+    /// message so that a bad activation leaves virtiofsd untouched.
+    fn start_backend(
+        &mut self,
+        mem: &GuestMemory,
+        queues: &[Queue],
+        queue_evts: &[EventFd],
+    ) -> Result<Vec<usize>, ActivateError> {
+        let regions = memory_regions(mem)?;
+        let mut vrings = Vec::new();
+        for (index, queue) in queues.iter().enumerate() {
+            if !queue.ready() {
+                // The driver did not set this queue up; virtiofsd must not touch it.
+                tracing::debug!("virtio-fs: queue {index} not ready, not started");
+                continue;
+            }
+            vrings.push((
+                index,
+                vring_config(mem, index, queue, self.queue_sizes[index])?,
+            ));
+        }
+        if vrings.is_empty() {
+            return Err(ActivateError::Backend(
+                "virtio-fs: the driver made no queue ready".into(),
+            ));
+        }
+
+        let features = self.acked_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut started = Vec::new();
+        let armed = self.watchdog.arm(self.exchange_timeout, "activation");
+        let result = (|| {
+            let fe = &mut self.frontend;
+            fe.set_features(features).map_err(|e| ("SET_FEATURES", e))?;
+            fe.set_mem_table(&regions)
+                .map_err(|e| ("SET_MEM_TABLE", e))?;
+            for (index, config) in &vrings {
+                let index = *index;
+                let queue = &queues[index];
+                fe.set_vring_num(index, queue.size())
+                    .map_err(|e| ("SET_VRING_NUM", e))?;
+                fe.set_vring_addr(index, config)
+                    .map_err(|e| ("SET_VRING_ADDR", e))?;
+                // 0 on a fresh queue; the transport's value stays right if it ever is not.
+                fe.set_vring_base(index, queue.next_avail())
+                    .map_err(|e| ("SET_VRING_BASE", e))?;
+                fe.set_vring_call(index, &self.call_evts[index])
+                    .map_err(|e| ("SET_VRING_CALL", e))?;
+                // The guest's notifications go straight to virtiofsd, never through the VMM.
+                fe.set_vring_kick(index, &queue_evts[index])
+                    .map_err(|e| ("SET_VRING_KICK", e))?;
+                // virtiofsd runs the ring from here on, so the reset path must stop it.
+                started.push(index);
+                fe.set_vring_enable(index, true)
+                    .map_err(|e| ("SET_VRING_ENABLE", e))?;
+            }
+            Ok::<(), (&'static str, vhost::Error)>(())
+        })();
+        drop(armed);
+        match result {
+            Ok(()) => Ok(started),
+            Err((step, err)) => Err(ActivateError::Backend(self.exchange_failed(step, err))),
+        }
+    }
+
+    /// Registers the call fds once the device is active (the event loop's side of activate).
+    fn sync_registration(&mut self, ops: &mut EventOps) {
+        if self.active.is_none() || self.calls_registered {
+            return;
+        }
+        for (index, evt) in self.call_evts.iter().enumerate() {
+            // Registered once and kept across resets: the fds are ours and stay quiet while
+            // virtiofsd has no copy of them.
+            if let Err(e) = ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {
+                tracing::error!("virtio-fs: cannot watch call fd of queue {index}: {e}");
+            }
+        }
+        self.calls_registered = true;
+    }
+
+    fn on_call(&mut self, index: usize) {
+        match self.call_evts[index].read() {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                tracing::error!("virtio-fs: reading call fd of queue {index}: {e}");
+                return;
+            }
+        }
+        match &self.active {
+            Some(active) => {
+                if let Err(e) = active.irq.signal_used() {
+                    tracing::error!("virtio-fs: cannot raise the interrupt: {e}");
+                }
+            }
+            None => tracing::debug!("virtio-fs: call on queue {index} while inactive, dropped"),
+        }
+    }
+
+    fn on_socket_event(&mut self, set: EventSet, ops: &mut EventOps) {
+        if !set.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
+            return;
+        }
+        self.backend_gone.store(true, Ordering::SeqCst);
+        self.broken = true;
+        tracing::error!(
+            tag = %self.tag,
+            "virtio-fs: virtiofsd closed the vhost-user connection; \
+             file system requests from the guest will hang"
+        );
+        // Level-triggered: a hung-up socket stays readable-for-hang-up forever.
+        if let Err(e) = ops.remove(Events::new(&self.sock, set)) {
+            tracing::warn!("virtio-fs: cannot stop watching the vhost-user socket: {e}");
+        }
+    }
+}
+
+/// Connects with retries: until `limit`, a missing socket file or a refused connection means
+/// virtiofsd may still be starting.
+fn connect(path: &Path, limit: Duration) -> Result<UnixStream, FsError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(CONNECT_RETRY);
+            }
+            Err(source) => {
+                return Err(FsError::Connect {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// SET_OWNER, features and protocol features. Returns virtiofsd's virtio features and the
+/// protocol features both sides now use.
+fn handshake(
+    frontend: &mut Frontend,
+    num_queues: usize,
+    fail: impl Fn(&'static str, vhost::Error) -> FsError,
+) -> Result<(u64, VhostUserProtocolFeatures), FsError> {
+    frontend.set_owner().map_err(|e| fail("SET_OWNER", e))?;
+    let features = frontend
+        .get_features()
+        .map_err(|e| fail("GET_FEATURES", e))?;
+    // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE, and rings would start on the
+    // first kick; virtiofsd always offers it.
+    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+        return Err(FsError::MissingBackendFeature(
+            "VHOST_USER_F_PROTOCOL_FEATURES",
+        ));
+    }
+    // We offer VERSION_1 to the guest, so virtiofsd must accept it in SET_FEATURES.
+    if features & VIRTIO_F_VERSION_1 == 0 {
+        return Err(FsError::MissingBackendFeature("VIRTIO_F_VERSION_1"));
+    }
+    let offered = frontend
+        .get_protocol_features()
+        .map_err(|e| fail("GET_PROTOCOL_FEATURES", e))?;
+    let protocol = offered & wanted_protocol_features();
+    frontend
+        .set_protocol_features(protocol)
+        .map_err(|e| fail("SET_PROTOCOL_FEATURES", e))?;
+    if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        let max = frontend
+            .get_queue_num()
+            .map_err(|e| fail("GET_QUEUE_NUM", e))?;
+        if num_queues as u64 > max {
+            return Err(FsError::TooManyQueues {
+                wanted: num_queues,
+                max,
+            });
+        }
+    } else if num_queues > 2 {
+        // Without MQ a back end serves one request queue (plus hiprio).
+        return Err(FsError::TooManyQueues {
+            wanted: num_queues,
+            max: 2,
+        });
+    }
+    if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        // From now on every SET_* waits for virtiofsd's verdict, so activation fails on the
+        // message virtiofsd rejected rather than leaving the guest with a dead device.
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    Ok((features, protocol))
+}
+
+/// One vhost-user memory region per guest region; each must be backed by a file virtiofsd can
+/// map.
+fn memory_regions(mem: &GuestMemory) -> Result<Vec<VhostUserMemoryRegionInfo>, ActivateError> {
+    let regions = mem
+        .iter()
+        .map(|region| {
+            if region.file_offset().is_none() {
+                return Err(ActivateError::Backend(format!(
+                    "virtio-fs needs memfd-backed guest memory so virtiofsd can map it: the region \
+                     at {:#x} is anonymous (build guest memory with fs::shared_guest_memory)",
+                    region.start_addr().raw_value()
+                )));
+            }
+            VhostUserMemoryRegionInfo::from_guest_region(region)
+                .map_err(|e| ActivateError::Backend(format!("virtio-fs: guest memory region: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if regions.len() > MAX_ATTACHED_FD_ENTRIES {
+        return Err(ActivateError::Backend(format!(
+            "virtio-fs: {} guest memory regions, vhost-user carries at most {MAX_ATTACHED_FD_ENTRIES}",
+            regions.len()
+        )));
+    }
+    Ok(regions)
+}
+
+/// The host addresses of a queue's rings, checked: each ring must lie inside one guest memory
+/// region (virtiofsd gets host addresses, which are contiguous only within a mapping) and be
+/// aligned as the virtio spec requires.
+fn vring_config(
+    mem: &GuestMemory,
+    index: usize,
+    queue: &Queue,
+    max_size: u16,
+) -> Result<VringConfigData, ActivateError> {
+    let size = queue.size();
+    if size == 0 || !size.is_power_of_two() || size > max_size {
+        return Err(ActivateError::Backend(format!(
+            "virtio-fs: queue {index} has invalid size {size} (max {max_size})"
+        )));
+    }
+    let n = u64::from(size);
+    // Sizes include the event-index fields (used_event / avail_event) at the rings' ends.
+    let desc = host_address(
+        mem,
+        index,
+        "descriptor table",
+        queue.desc_table(),
+        16 * n,
+        16,
+    )?;
+    let avail = host_address(
+        mem,
+        index,
+        "available ring",
+        queue.avail_ring(),
+        6 + 2 * n,
+        2,
+    )?;
+    let used = host_address(mem, index, "used ring", queue.used_ring(), 6 + 8 * n, 4)?;
+    Ok(VringConfigData {
+        queue_max_size: max_size,
+        queue_size: size,
+        flags: 0,
+        desc_table_addr: desc,
+        used_ring_addr: used,
+        avail_ring_addr: avail,
+        log_addr: None,
+    })
+}
+
+fn host_address(
+    mem: &GuestMemory,
+    index: usize,
+    what: &str,
+    addr: u64,
+    len: u64,
+    align: u64,
+) -> Result<u64, ActivateError> {
+    let bad = |why: &str| {
+        ActivateError::Backend(format!(
+            "virtio-fs: queue {index} {what} at {addr:#x} ({len:#x} bytes) {why}"
+        ))
+    };
+    // `align` is a power of two.
+    if addr & (align - 1) != 0 {
+        return Err(bad("is misaligned"));
+    }
+    let region = mem
+        .find_region(GuestAddress(addr))
+        .ok_or_else(|| bad("is outside guest memory"))?;
+    let offset = addr - region.start_addr().raw_value();
+    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(bad("runs past the end of its memory region"));
+    }
+    let host = region
+        .get_host_address(MemoryRegionAddress(offset))
+        .map_err(|e| bad(&e.to_string()))?;
+    Ok(host as u64)
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // virtio-fs config space is read-only for the driver.
+        tracing::debug!(
+            "virtio-fs: ignoring config write of {} bytes at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::Backend(
+                "virtio-fs: already activated".into(),
+            ));
+        }
+        if self.broken || self.is_backend_gone() {
+            return Err(ActivateError::Backend(
+                "virtio-fs: the vhost-user connection to virtiofsd is lost".into(),
+            ));
+        }
+        let Activation {
+            mem,
+            queues,
+            queue_evts,
+            irq,
+        } = activation;
+        let expected = self.queue_sizes.len();
+        if queues.len() != expected || queue_evts.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                got: if queues.len() != expected {
+                    queues.len()
+                } else {
+                    queue_evts.len()
+                },
+            });
+        }
+        let started = self.start_backend(&mem, &queues, &queue_evts)?;
+        tracing::info!(
+            tag = %self.tag,
+            queues = ?started,
+            features = format_args!("{:#x}", self.acked_features),
+            "virtio-fs: activated"
+        );
+        self.active = Some(Active {
+            irq,
+            started,
+            _queue_evts: queue_evts,
+            _mem: mem,
+        });
+        // The event loop registers the call fds; until then virtiofsd's signals wait in them.
+        self.activate_evt.write(1).map_err(ActivateError::Signal)
+    }
+
+    fn reset(&mut self) -> bool {
+        let Some(active) = self.active.take() else {
+            return true;
+        };
+        // Without RESET_DEVICE virtiofsd would keep its FUSE session, and the driver's next
+        // FUSE_INIT would meet a file system already initialised.
+        if self.broken
+            || !self
+                .protocol_features
+                .contains(VhostUserProtocolFeatures::RESET_DEVICE)
+        {
+            self.active = Some(active);
+            return false;
+        }
+        let armed = self.watchdog.arm(self.exchange_timeout, "reset");
+        let result = (|| {
+            for &index in &active.started {
+                // Per the vhost-user spec, GET_VRING_BASE stops the ring; virtiofsd also drops
+                // its copies of the kick and call fds.
+                self.frontend
+                    .get_vring_base(index)
+                    .map_err(|e| ("GET_VRING_BASE", e))?;
+            }
+            self.frontend
+                .reset_device()
+                .map_err(|e| ("RESET_DEVICE", e))
+        })();
+        drop(armed);
+        match result {
+            Ok(()) => {
+                tracing::info!(tag = %self.tag, "virtio-fs: reset");
+                self.acked_features = 0;
+                true
+            }
+            Err((step, err)) => {
+                let msg = self.exchange_failed(step, err);
+                tracing::error!("{msg}");
+                false
+            }
+        }
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl MutEventSubscriber for Fs {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATE_TOKEN => {
+                let _ = self.activate_evt.read();
+                self.sync_registration(ops);
+            }
+            SOCKET_TOKEN => self.on_socket_event(events.event_set(), ops),
+            index if (index as usize) < self.call_evts.len() => self.on_call(index as usize),
+            other => tracing::warn!("virtio-fs: event for unknown token {other}"),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            ACTIVATE_TOKEN,
+            EventSet::IN,
+        )) {
+            tracing::error!("virtio-fs: cannot watch the activate eventfd: {e}");
+        }
+        // Only hang-up: replies on the socket belong to the thread that sent the request.
+        if let Err(e) = ops.add(Events::with_data(
+            &self.sock,
+            SOCKET_TOKEN,
+            EventSet::READ_HANG_UP | EventSet::HANG_UP,
+        )) {
+            tracing::error!("virtio-fs: cannot watch the vhost-user socket: {e}");
+        }
+        self.sync_registration(ops);
+    }
+}

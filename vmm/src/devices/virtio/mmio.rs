@@ -1,0 +1,1 @@
+//! MMIO transport: arrives next.

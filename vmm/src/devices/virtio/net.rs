@@ -1,0 +1,901 @@
+//! virtio-net (virtio spec 5.1) on a host tap device.
+//!
+//! The tap is opened with `IFF_VNET_HDR` and a 12-byte vnet header, which is exactly the
+//! VERSION_1 `virtio_net_hdr` (with `num_buffers`). So a frame crosses unchanged in both
+//! directions: the guest's header goes to the tap as is, and the tap's header goes to the
+//! guest with only `num_buffers` set to 1. No checksum or segmentation offload is offered
+//! to the guest nor enabled on the tap (TUNSETOFFLOAD 0), so every header is all zeros and
+//! every frame is complete.
+//!
+//! RX only reads a frame from the tap once it holds a guest buffer to put it in, so frames
+//! wait in the tap's own queue while the guest has posted none. The tap is registered
+//! edge-triggered; when RX stops for lack of buffers, the guest's next RX queue kick (which
+//! it sends after posting buffers) resumes reading.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::{debug, error, warn};
+use virtio_bindings::bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1,
+};
+
+pub const RX_INDEX: usize = 0;
+pub const TX_INDEX: usize = 1;
+pub const QUEUE_SIZE: u16 = 256;
+/// `virtio_net_hdr` with `num_buffers`, as VERSION_1 always lays it out.
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame moved, header included: a 64 KiB IP packet plus Ethernet and VLAN
+/// headers and the vnet header (Firecracker's bound).
+pub const MAX_FRAME_LEN: usize = 65562;
+const NUM_BUFFERS_OFFSET: usize = 10;
+const TUN_PATH: &str = "/dev/net/tun";
+
+const EV_ACTIVATE: u32 = 0;
+const EV_RX_QUEUE: u32 = 1;
+const EV_TX_QUEUE: u32 = 2;
+const EV_TAP: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid tap name {0:?}")]
+    InvalidName(String),
+    #[error("cannot open {TUN_PATH}: {0}")]
+    OpenTun(io::Error),
+    #[error("{0} on the tap failed: {1}")]
+    Ioctl(&'static str, io::Error),
+    #[error("fd is not a tap with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (flags {0:#x})")]
+    TapFlags(i32),
+    #[error("cannot create eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// `struct ifreq` as TUNSETIFF/TUNGETIFF use it: a name and a flags word, padded to the
+/// kernel's size. Own type so every byte is initialised without `mem::zeroed`.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const _: () = assert!(std::mem::size_of::<IfReq>() == std::mem::size_of::<libc::ifreq>());
+
+impl IfReq {
+    fn new(name: &str) -> Result<Self, NetError> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+            return Err(NetError::InvalidName(name.to_string()));
+        }
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..bytes.len()].copy_from_slice(bytes);
+        Ok(req)
+    }
+
+    fn name(&self) -> String {
+        let end = self
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.name.len());
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+
+/// Opens /dev/net/tun non-blocking and attaches it to tap `name` with `flags`.
+fn open_tun(name: &str, flags: libc::c_int) -> Result<(File, String), NetError> {
+    let mut req = IfReq::new(name)?;
+    req.flags = flags as libc::c_short;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(TUN_PATH)
+        .map_err(NetError::OpenTun)?;
+    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` has its size and layout
+    // and outlives the call.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if ret < 0 {
+        return Err(NetError::Ioctl("TUNSETIFF", io::Error::last_os_error()));
+    }
+    Ok((file, req.name()))
+}
+
+/// A tap interface with a 12-byte vnet header, non-blocking.
+struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    fn open(name: &str) -> Result<Tap, NetError> {
+        let (file, name) = open_tun(name, TAP_FLAGS)?;
+        let tap = Tap { file, name };
+        tap.configure()?;
+        Ok(tap)
+    }
+
+    fn from_fd(fd: OwnedFd) -> Result<Tap, NetError> {
+        let file = File::from(fd);
+        let raw = file.as_raw_fd();
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes one `struct ifreq` into `req`, which has its size and
+        // layout and outlives the call; on a non-tun fd it fails without writing.
+        let ret = unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req) };
+        if ret < 0 {
+            return Err(NetError::Ioctl("TUNGETIFF", io::Error::last_os_error()));
+        }
+        let flags = libc::c_int::from(req.flags);
+        let kind = flags & (libc::IFF_TUN | libc::IFF_TAP);
+        if kind != libc::IFF_TAP || flags & TAP_FLAGS != TAP_FLAGS {
+            return Err(NetError::TapFlags(flags));
+        }
+        // SAFETY: F_GETFL only reads the status flags of an fd we own.
+        let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: F_SETFL only changes the status flags of an fd we own.
+        if fl < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+            return Err(NetError::Ioctl(
+                "fcntl(O_NONBLOCK)",
+                io::Error::last_os_error(),
+            ));
+        }
+        let tap = Tap {
+            file,
+            name: req.name(),
+        };
+        tap.configure()?;
+        Ok(tap)
+    }
+
+    /// Fixes the header size and turns offloads off, also on an fd set up by someone else:
+    /// the guest is offered no offloads, so the tap must not hand it partial checksums or
+    /// GSO frames.
+    fn configure(&self) -> Result<(), NetError> {
+        let raw = self.file.as_raw_fd();
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, valid for the call.
+        if unsafe { libc::ioctl(raw, libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(NetError::Ioctl(
+                "TUNSETVNETHDRSZ",
+                io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: TUNSETOFFLOAD takes its argument by value and touches no memory of ours.
+        if unsafe { libc::ioctl(raw, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+            return Err(NetError::Ioctl("TUNSETOFFLOAD", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+struct ActiveState {
+    mem: GuestMemory,
+    rx: Queue,
+    tx: Queue,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    irq: IrqTrigger,
+}
+
+/// A virtio-net device. The VM builder creates it with [`Net::new_with_tap_name`] or
+/// [`Net::new_with_tap_fd`], attaches it to an MMIO transport and adds it to the event
+/// manager as a subscriber. Bringing the tap up and wiring it to anything is the host's job.
+pub struct Net {
+    tap: Tap,
+    mac: Option<[u8; 6]>,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; 8],
+    activate_evt: EventFd,
+    active: Option<ActiveState>,
+    /// Scratch space for one frame; RX and TX run on the same thread, never at once.
+    frame: Vec<u8>,
+}
+
+impl Net {
+    /// Creates (or attaches to an existing) tap `name`. With `mac`, the guest is told to use
+    /// it; without, the guest driver picks a random one.
+    pub fn new_with_tap_name(name: &str, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
+        Self::with_tap(Tap::open(name)?, mac)
+    }
+
+    /// Takes over a tap fd opened by someone else (e.g. handed in by the parent). It must
+    /// have been created with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`; it is made non-blocking
+    /// and its header size and offloads are set as [`Net::new_with_tap_name`] does.
+    pub fn new_with_tap_fd(fd: OwnedFd, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
+        Self::with_tap(Tap::from_fd(fd)?, mac)
+    }
+
+    fn with_tap(tap: Tap, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
+        let mut avail_features = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_STATUS;
+        let mut config = [0u8; 8];
+        if let Some(mac) = mac {
+            avail_features |= 1 << VIRTIO_NET_F_MAC;
+            config[..6].copy_from_slice(&mac);
+        }
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        Ok(Net {
+            tap,
+            mac,
+            avail_features,
+            acked_features: 0,
+            config,
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
+            active: None,
+            frame: vec![0; MAX_FRAME_LEN],
+        })
+    }
+
+    /// The tap's interface name, as the kernel reports it.
+    pub fn tap_name(&self) -> &str {
+        &self.tap.name
+    }
+
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        self.mac
+    }
+
+    /// Moves frames from the tap into RX buffers until one of the two runs out.
+    fn process_rx(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let mut writer = match chain.writer(&a.mem) {
+                Ok(w) if w.available_bytes() >= VNET_HDR_LEN => w,
+                // No frame will ever fit: give the buffer back rather than hold up RX.
+                Ok(_) | Err(_) => {
+                    warn!("virtio-net: unusable RX buffer {head} returned empty");
+                    if let Err(e) = a.rx.add_used(&a.mem, head, 0) {
+                        warn!("virtio-net: cannot return RX descriptor {head}: {e}");
+                    }
+                    used_any = true;
+                    continue;
+                }
+            };
+            let len = match (&self.tap.file).read(&mut self.frame) {
+                Ok(len) => len,
+                Err(e) => {
+                    // The buffer stays available for the next frame.
+                    a.rx.go_to_previous_position();
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        warn!("virtio-net: tap read failed: {e}");
+                    }
+                    break;
+                }
+            };
+            if len < VNET_HDR_LEN || len > writer.available_bytes() {
+                warn!(
+                    "virtio-net: dropped a {len}-byte RX frame: buffer {head} holds {}",
+                    writer.available_bytes()
+                );
+                a.rx.go_to_previous_position();
+                continue;
+            }
+            // Without MRG_RXBUF a frame always takes one buffer; older kernels leave these
+            // two header bytes as they found them.
+            self.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+            let used_len = match writer.write_all(&self.frame[..len]) {
+                Ok(()) => len as u32,
+                Err(e) => {
+                    warn!("virtio-net: cannot write RX frame to guest memory: {e}");
+                    0
+                }
+            };
+            if let Err(e) = a.rx.add_used(&a.mem, head, used_len) {
+                warn!("virtio-net: cannot return RX descriptor {head}: {e}");
+            }
+            used_any = true;
+        }
+        if used_any {
+            if let Err(e) = a.irq.signal_used() {
+                error!("virtio-net: cannot raise interrupt: {e}");
+            }
+        }
+    }
+
+    /// Sends every frame the guest has queued for transmission to the tap.
+    fn process_tx(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            match chain.reader(&a.mem) {
+                Err(e) => warn!("virtio-net: bad TX chain {head}: {e}"),
+                Ok(mut reader) => {
+                    let len = reader.available_bytes();
+                    if len > MAX_FRAME_LEN {
+                        warn!("virtio-net: dropped a {len}-byte TX frame (max {MAX_FRAME_LEN})");
+                    } else if len <= VNET_HDR_LEN {
+                        warn!(
+                            "virtio-net: dropped a {len}-byte TX chain: no frame after the header"
+                        );
+                    } else if let Err(e) = reader.read_exact(&mut self.frame[..len]) {
+                        warn!("virtio-net: cannot read TX frame from guest memory: {e}");
+                    } else if let Err(e) = (&self.tap.file).write(&self.frame[..len]) {
+                        // The tap has no room or the interface is down; like a NIC, drop.
+                        debug!("virtio-net: tap write failed, frame dropped: {e}");
+                    }
+                }
+            }
+            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
+                warn!("virtio-net: cannot return TX descriptor {head}: {e}");
+            }
+            used_any = true;
+        }
+        if used_any {
+            if let Err(e) = a.irq.signal_used() {
+                error!("virtio-net: cannot raise interrupt: {e}");
+            }
+        }
+    }
+
+    fn on_activate(&mut self, ops: &mut EventOps) {
+        let _ = self.activate_evt.read();
+        if let Err(e) = ops.remove(Events::with_data(
+            &self.activate_evt,
+            EV_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("virtio-net: cannot unregister activate eventfd: {e}");
+        }
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        let events = [
+            Events::with_data(&a.rx_evt, EV_RX_QUEUE, EventSet::IN),
+            Events::with_data(&a.tx_evt, EV_TX_QUEUE, EventSet::IN),
+            Events::with_data(
+                &self.tap.file,
+                EV_TAP,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
+        ];
+        for ev in events {
+            if let Err(e) = ops.add(ev) {
+                error!("virtio-net: cannot register fd {}: {e}", ev.fd());
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is writable only through the legacy interface, which we do not offer.
+        debug!(
+            "virtio-net: ignored {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::Backend("already activated".into()));
+        }
+        let Activation {
+            mem,
+            queues,
+            queue_evts,
+            irq,
+        } = activation;
+        if queues.len() != 2 || queue_evts.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: queues.len().max(queue_evts.len()),
+            });
+        }
+        let [rx, tx]: [Queue; 2] = queues.try_into().expect("length checked");
+        let [rx_evt, tx_evt]: [EventFd; 2] = queue_evts.try_into().expect("length checked");
+        self.active = Some(ActiveState {
+            mem,
+            rx,
+            tx,
+            rx_evt,
+            tx_evt,
+            irq,
+        });
+        if let Err(e) = self.activate_evt.write(1) {
+            self.active = None;
+            return Err(ActivateError::Signal(e));
+        }
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            EV_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("virtio-net: cannot register activate eventfd: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_ACTIVATE => self.on_activate(ops),
+            EV_RX_QUEUE => {
+                if let Some(a) = self.active.as_ref() {
+                    let _ = a.rx_evt.read();
+                }
+                self.process_rx();
+            }
+            EV_TX_QUEUE => {
+                if let Some(a) = self.active.as_ref() {
+                    let _ = a.tx_evt.read();
+                }
+                self.process_tx();
+            }
+            EV_TAP => {
+                let set = events.event_set();
+                if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+                    warn!("virtio-net: tap {} reports {set:?}", self.tap.name);
+                }
+                self.process_rx();
+            }
+            other => warn!("virtio-net: unexpected event {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::test_queue::{r, w, TestQueue};
+    use crate::devices::virtio::test_utils::guest_memory;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::os::fd::FromRawFd;
+    use std::path::Path;
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const RXQ: u64 = 0;
+    const TXQ: u64 = 0x4000;
+    const BUF: u64 = 0x1_0000;
+    const RX_BUF: u64 = 0x8_0000;
+    const MAC: [u8; 6] = [0x02, 0x68, 0x75, 0x73, 0x6b, 0x01];
+    /// IEEE "local experimental" ethertype: nothing else on the host sends it.
+    const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
+
+    fn unique_tap_name() -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        format!(
+            "hkt{}{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Deletes the tap even when a test fails. The device's fd closing normally removes a
+    /// (non-persistent) tap already; this covers anything left behind.
+    struct TapGuard(String);
+
+    impl Drop for TapGuard {
+        fn drop(&mut self) {
+            if Path::new("/sys/class/net").join(&self.0).exists() {
+                let _ = Command::new("ip")
+                    .args(["link", "delete", &self.0])
+                    .status();
+            }
+        }
+    }
+
+    fn ifindex(name: &str) -> i32 {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Brings the interface up, with IPv6 off so the kernel does not send its own frames.
+    fn link_up(name: &str) {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        // SAFETY: plain socket(2); the result is checked and owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq::new(name).unwrap();
+        // SAFETY: SIOCGIFFLAGS reads and writes one `struct ifreq`, which `req` matches.
+        let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+        assert!(ret >= 0, "SIOCGIFFLAGS: {}", io::Error::last_os_error());
+        req.flags |= libc::IFF_UP as libc::c_short;
+        // SAFETY: as above, for SIOCSIFFLAGS.
+        let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) };
+        assert!(ret >= 0, "SIOCSIFFLAGS: {}", io::Error::last_os_error());
+    }
+
+    /// An AF_PACKET socket on the tap's host side: what it sends comes out of the tap fd,
+    /// and it sees what is written into the tap fd.
+    struct PacketSocket(File);
+
+    impl PacketSocket {
+        fn bind(name: &str) -> Self {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2); the result is checked and owned at once.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    libc::c_int::from(proto),
+                )
+            };
+            assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+            // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+            let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+            let addr = libc::sockaddr_ll {
+                sll_family: libc::AF_PACKET as u16,
+                sll_protocol: proto,
+                sll_ifindex: ifindex(name),
+                sll_hatype: 0,
+                sll_pkttype: 0,
+                sll_halen: 0,
+                sll_addr: [0; 8],
+            };
+            // SAFETY: `addr` is a valid sockaddr_ll and the length given is its size.
+            let ret = unsafe {
+                libc::bind(
+                    sock.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            assert!(ret >= 0, "bind: {}", io::Error::last_os_error());
+            PacketSocket(File::from(sock))
+        }
+
+        fn send(&self, frame: &[u8]) {
+            assert_eq!((&self.0).write(frame).unwrap(), frame.len());
+        }
+
+        /// The next frame carrying our ethertype, if one comes within two seconds.
+        fn recv_ours(&self) -> Option<Vec<u8>> {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut buf = vec![0u8; 2048];
+            while Instant::now() < deadline {
+                match (&self.0).read(&mut buf) {
+                    Ok(n) if n >= 14 && buf[12..14] == ETHERTYPE => return Some(buf[..n].to_vec()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("packet socket read: {e}"),
+                }
+            }
+            None
+        }
+    }
+
+    fn frame(tag: u8, payload_len: usize) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&ETHERTYPE);
+        f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(31) ^ tag));
+        f
+    }
+
+    struct Setup {
+        _guard: TapGuard,
+        mem: GuestMemory,
+        rxq: TestQueue,
+        txq: TestQueue,
+        irq: IrqTrigger,
+        rx_kick: EventFd,
+        sock: PacketSocket,
+        rx_posted: u16,
+    }
+
+    /// A device on a fresh, up tap, activated with two test queues.
+    fn setup() -> (Net, Setup) {
+        let name = unique_tap_name();
+        let guard = TapGuard(name.clone());
+        let mut net = Net::new_with_tap_name(&name, Some(MAC))
+            .unwrap_or_else(|e| panic!("cannot create tap {name}: {e}"));
+        assert_eq!(net.tap_name(), name);
+        link_up(&name);
+        let sock = PacketSocket::bind(&name);
+        let mem = guest_memory(MEM_SIZE);
+        let mut rxq = TestQueue::new(&mem, RXQ, 16);
+        let mut txq = TestQueue::new(&mem, TXQ, 16);
+        let irq = IrqTrigger::new().unwrap();
+        let rx_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let rx_kick = rx_evt.try_clone().unwrap();
+        net.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![rxq.take_queue(), txq.take_queue()],
+            queue_evts: vec![rx_evt, EventFd::new(EFD_NONBLOCK).unwrap()],
+            irq: irq.clone(),
+        })
+        .unwrap();
+        let s = Setup {
+            _guard: guard,
+            mem,
+            rxq,
+            txq,
+            irq,
+            rx_kick,
+            sock,
+            rx_posted: 0,
+        };
+        (net, s)
+    }
+
+    fn rx_buf(head: u32) -> u64 {
+        RX_BUF + u64::from(head) * 0x1000
+    }
+
+    /// Used RX entries that hold one of our frames: (header, frame).
+    fn received(s: &Setup) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for i in 0..s.rxq.used_idx(&s.mem) {
+            let (id, len) = s.rxq.used(&s.mem, i);
+            let mut data = vec![0u8; len as usize];
+            s.mem
+                .read_slice(&mut data, GuestAddress(rx_buf(id)))
+                .unwrap();
+            if data.len() >= VNET_HDR_LEN + 14 && data[VNET_HDR_LEN + 12..][..2] == ETHERTYPE {
+                let frame = data.split_off(VNET_HDR_LEN);
+                out.push((data, frame));
+            }
+        }
+        out
+    }
+
+    /// Posts an RX chain of one writable buffer of `len` bytes; buffers sit at an address
+    /// derived from their head index, which these tests hand out in order.
+    fn post_rx(s: &mut Setup, len: u32) {
+        let head = s.rx_posted;
+        let got = s.rxq.add(&s.mem, &[w(rx_buf(u32::from(head)), len)]);
+        assert_eq!(got, head);
+        s.rx_posted += 1;
+    }
+
+    #[test]
+    fn tx_frame_comes_out_of_the_tap() {
+        let (mut net, mut s) = setup();
+        let f = frame(1, 100);
+        s.mem
+            .write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(BUF))
+            .unwrap();
+        s.mem.write_slice(&f, GuestAddress(BUF + 0x1000)).unwrap();
+        // Header and frame in separate descriptors, and the frame itself split in two.
+        let head = s.txq.add(
+            &s.mem,
+            &[
+                r(BUF, VNET_HDR_LEN as u32),
+                r(BUF + 0x1000, 20),
+                r(BUF + 0x1000 + 20, f.len() as u32 - 20),
+            ],
+        );
+        net.process_tx();
+        assert_eq!(s.txq.used_idx(&s.mem), 1);
+        assert_eq!(s.txq.used(&s.mem, 0), (u32::from(head), 0));
+        assert_eq!(s.irq.evt.read().unwrap(), 1);
+        assert_eq!(s.sock.recv_ours().expect("frame not seen on the tap"), f);
+    }
+
+    #[test]
+    fn oversize_and_short_tx_chains_are_dropped() {
+        let (mut net, mut s) = setup();
+        s.txq.add(&s.mem, &[r(BUF, MAX_FRAME_LEN as u32 + 1)]);
+        s.txq.add(&s.mem, &[r(BUF, VNET_HDR_LEN as u32)]);
+        s.txq.add(&s.mem, &[w(BUF, 100)]);
+        s.txq.add(&s.mem, &[r(1 << 40, 100)]);
+        net.process_tx();
+        assert_eq!(s.txq.used_idx(&s.mem), 4);
+        assert!(s.sock.recv_ours().is_none());
+    }
+
+    #[test]
+    fn rx_frame_arrives_behind_a_vnet_header() {
+        let (mut net, mut s) = setup();
+        for _ in 0..4 {
+            post_rx(&mut s, 2048);
+        }
+        let f = frame(2, 200);
+        s.sock.send(&f);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while received(&s).is_empty() && Instant::now() < deadline {
+            net.process_rx();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let got = received(&s);
+        assert_eq!(got.len(), 1, "frame not delivered");
+        let (hdr, body) = &got[0];
+        // All zeros but num_buffers, which is 1 (virtio 1.x, 5.1.6.4).
+        assert_eq!(hdr[..NUM_BUFFERS_OFFSET], [0u8; NUM_BUFFERS_OFFSET]);
+        assert_eq!(hdr[NUM_BUFFERS_OFFSET..], 1u16.to_le_bytes());
+        assert_eq!(body, &f);
+        assert!(s.irq.evt.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn rx_frame_too_big_for_the_buffer_is_dropped() {
+        let (mut net, mut s) = setup();
+        post_rx(&mut s, 100);
+        s.sock.send(&frame(3, 300));
+        let small = frame(4, 40);
+        s.sock.send(&small);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while received(&s).is_empty() && Instant::now() < deadline {
+            net.process_rx();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The big frame went, and the buffer it could not fill took the next one.
+        let got = received(&s);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, small);
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_without_losing_frames() {
+        let (net, mut s) = setup();
+        let mut em = EventManager::<Net>::new().unwrap();
+        em.add_subscriber(net);
+        em.run_with_timeout(100).unwrap(); // activation: registers the queues and the tap
+
+        let f = frame(5, 64);
+        s.sock.send(&f);
+        // The tap becomes readable and is reported, but there is nowhere to put the frame.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while em.run_with_timeout(50).unwrap() == 0 && Instant::now() < deadline {}
+        assert!(Instant::now() < deadline, "tap readiness never reported");
+        assert_eq!(s.rxq.used_idx(&s.mem), 0);
+        // No further tap event comes (edge-triggered), so only the guest's kick can resume RX.
+        for _ in 0..4 {
+            post_rx(&mut s, 2048);
+        }
+        s.rx_kick.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while received(&s).is_empty() && Instant::now() < deadline {
+            em.run_with_timeout(50).unwrap();
+        }
+        let got = received(&s);
+        assert_eq!(got.len(), 1, "frame lost");
+        assert_eq!(got[0].1, f);
+    }
+
+    #[test]
+    fn unusable_rx_buffers_are_returned_empty() {
+        let (mut net, mut s) = setup();
+        s.rxq.add(&s.mem, &[r(BUF, 2048)]);
+        s.rxq.add(&s.mem, &[w(BUF, 4)]);
+        s.rxq.add(&s.mem, &[w(1 << 40, 2048)]);
+        net.process_rx();
+        assert_eq!(s.rxq.used_idx(&s.mem), 3);
+        for i in 0..3 {
+            assert_eq!(s.rxq.used(&s.mem, i).1, 0);
+        }
+    }
+
+    #[test]
+    fn features_and_config() {
+        let (net, _s) = setup();
+        assert_eq!(net.device_type(), TYPE_NET);
+        assert_eq!(net.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        let f = net.avail_features();
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(f & (1 << VIRTIO_NET_F_MAC), 0);
+        assert_ne!(f & (1 << VIRTIO_NET_F_STATUS), 0);
+        // No offloads, no mergeable buffers, no control queue.
+        assert_eq!(
+            f & 0xffff_ffff,
+            1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+        );
+        let mut cfg = [0u8; 10];
+        net.read_config(0, &mut cfg);
+        assert_eq!(cfg[..6], MAC);
+        assert_eq!(cfg[6..8], 1u16.to_le_bytes());
+        assert_eq!(cfg[8..], [0, 0]);
+        assert_eq!(net.mac(), Some(MAC));
+    }
+
+    #[test]
+    fn tap_fd_from_the_parent() {
+        let name = unique_tap_name();
+        let _guard = TapGuard(name.clone());
+        let tap = Tap::open(&name).unwrap();
+        let net = Net::new_with_tap_fd(OwnedFd::from(tap.file), None).unwrap();
+        assert_eq!(net.tap_name(), name);
+        assert_eq!(net.avail_features() & (1 << VIRTIO_NET_F_MAC), 0);
+        assert_eq!(net.mac(), None);
+
+        // Wrong kinds of fd are refused.
+        let null = File::open("/dev/null").unwrap();
+        assert!(matches!(
+            Net::new_with_tap_fd(OwnedFd::from(null), None),
+            Err(NetError::Ioctl("TUNGETIFF", _))
+        ));
+        let name2 = unique_tap_name();
+        let _guard2 = TapGuard(name2.clone());
+        let (plain, _) = open_tun(&name2, libc::IFF_TAP | libc::IFF_NO_PI).unwrap();
+        assert!(matches!(
+            Net::new_with_tap_fd(OwnedFd::from(plain), None),
+            Err(NetError::TapFlags(_))
+        ));
+    }
+
+    #[test]
+    fn bad_tap_names_are_refused() {
+        for name in ["", "a-name-that-is-too-long", "nul\0byte"] {
+            assert!(matches!(
+                Net::new_with_tap_name(name, None),
+                Err(NetError::InvalidName(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn activation_needs_two_queues() {
+        let name = unique_tap_name();
+        let _guard = TapGuard(name.clone());
+        let mut net = Net::new_with_tap_name(&name, None).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let mut q = TestQueue::new(&mem, 0, 16);
+        let err = net
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![q.take_queue()],
+                queue_evts: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+                irq: IrqTrigger::new().unwrap(),
+            })
+            .unwrap_err();
+        assert!(matches!(err, ActivateError::QueueCount { expected: 2, .. }));
+        assert!(!net.is_activated());
+    }
+}

@@ -1,0 +1,352 @@
+//! virtio-rng (virtio spec 5.4): entropy for the guest from the host's /dev/urandom.
+//!
+//! One request queue. Each chain's device-writable buffers are filled straight from the
+//! urandom file by vm-memory's checked volatile IO. A request is capped at
+//! [`MAX_REQUEST_BYTES`] so a guest cannot make one notification cost unbounded host work.
+
+use std::fs::File;
+use std::io;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use tracing::{debug, error, warn};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::Bytes;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
+};
+
+pub const QUEUE_SIZE: u16 = 256;
+/// Most bytes handed out for one request; the rest of a larger chain stays untouched.
+pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
+const ENTROPY_SOURCE: &str = "/dev/urandom";
+
+const EV_ACTIVATE: u32 = 0;
+const EV_QUEUE: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("cannot open {ENTROPY_SOURCE}: {0}")]
+    Open(io::Error),
+    #[error("cannot create eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+struct ActiveState {
+    mem: GuestMemory,
+    queue: Queue,
+    queue_evt: EventFd,
+    irq: IrqTrigger,
+}
+
+/// A virtio-rng device. The VM builder creates it with [`Rng::new`], attaches it to an
+/// MMIO transport and adds it to the event manager as a subscriber.
+pub struct Rng {
+    source: File,
+    acked_features: u64,
+    activate_evt: EventFd,
+    active: Option<ActiveState>,
+}
+
+/// Fills the chain's writable buffers from `source`, up to [`MAX_REQUEST_BYTES`]; returns
+/// how many bytes were written.
+fn fill_chain(source: &mut File, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
+    let mut written = 0u32;
+    for desc in chain.filter(|d| d.is_write_only()) {
+        let n = desc.len().min(MAX_REQUEST_BYTES - written);
+        if n == 0 {
+            // Either an empty buffer or the cap; only the cap ends the walk early.
+            if written == MAX_REQUEST_BYTES {
+                break;
+            }
+            continue;
+        }
+        match mem.read_exact_volatile_from(desc.addr(), source, n as usize) {
+            Ok(()) => written += n,
+            Err(e) => {
+                warn!(
+                    "virtio-rng: cannot fill buffer at {:#x}: {e}",
+                    desc.addr().0
+                );
+                break;
+            }
+        }
+    }
+    written
+}
+
+impl Rng {
+    pub fn new() -> Result<Rng, RngError> {
+        Ok(Rng {
+            source: File::open(ENTROPY_SOURCE).map_err(RngError::Open)?,
+            acked_features: 0,
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?,
+            active: None,
+        })
+    }
+
+    fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+            let head = chain.head_index();
+            let len = fill_chain(&mut self.source, &active.mem, chain);
+            if let Err(e) = active.queue.add_used(&active.mem, head, len) {
+                warn!("virtio-rng: cannot return descriptor {head}: {e}");
+            }
+            used_any = true;
+        }
+        if used_any {
+            if let Err(e) = active.irq.signal_used() {
+                error!("virtio-rng: cannot raise interrupt: {e}");
+            }
+        }
+    }
+
+    fn on_activate(&mut self, ops: &mut EventOps) {
+        let _ = self.activate_evt.read();
+        if let Err(e) = ops.remove(Events::with_data(
+            &self.activate_evt,
+            EV_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("virtio-rng: cannot unregister activate eventfd: {e}");
+        }
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        if let Err(e) = ops.add(Events::with_data(&active.queue_evt, EV_QUEUE, EventSet::IN)) {
+            error!("virtio-rng: cannot register queue eventfd: {e}");
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no config space.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            "virtio-rng: ignored {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::Backend("already activated".into()));
+        }
+        let Activation {
+            mem,
+            mut queues,
+            mut queue_evts,
+            irq,
+        } = activation;
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len().max(queue_evts.len()),
+            });
+        }
+        self.active = Some(ActiveState {
+            mem,
+            queue: queues.remove(0),
+            queue_evt: queue_evts.remove(0),
+            irq,
+        });
+        if let Err(e) = self.activate_evt.write(1) {
+            self.active = None;
+            return Err(ActivateError::Signal(e));
+        }
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            EV_ACTIVATE,
+            EventSet::IN,
+        )) {
+            error!("virtio-rng: cannot register activate eventfd: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EV_ACTIVATE => self.on_activate(ops),
+            EV_QUEUE => {
+                if let Some(active) = self.active.as_ref() {
+                    let _ = active.queue_evt.read();
+                }
+                self.process_queue();
+            }
+            other => warn!("virtio-rng: unexpected event {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::test_queue::{r, w, TestQueue};
+    use crate::devices::virtio::test_utils::guest_memory;
+    use event_manager::{EventManager, SubscriberOps};
+    use vm_memory::GuestAddress;
+
+    const MEM_SIZE: usize = 0x40_0000;
+    const BUF: u64 = 0x1_0000;
+
+    fn activated(mem: &GuestMemory) -> (Rng, TestQueue, IrqTrigger) {
+        let mut queue = TestQueue::new(mem, 0, 16);
+        let irq = IrqTrigger::new().unwrap();
+        let mut rng = Rng::new().unwrap();
+        rng.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![queue.take_queue()],
+            queue_evts: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+            irq: irq.clone(),
+        })
+        .unwrap();
+        (rng, queue, irq)
+    }
+
+    fn read(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    #[test]
+    fn fills_writable_buffers() {
+        let mem = guest_memory(MEM_SIZE);
+        let (mut rng, mut queue, irq) = activated(&mem);
+        let head = queue.add(
+            &mem,
+            &[w(BUF, 256), r(BUF + 0x1000, 64), w(BUF + 0x2000, 100)],
+        );
+        rng.process_queue();
+        assert_eq!(queue.used_idx(&mem), 1);
+        assert_eq!(queue.used(&mem, 0), (u32::from(head), 356));
+        assert!(read(&mem, BUF, 256).iter().any(|&b| b != 0));
+        assert!(read(&mem, BUF + 0x2000, 100).iter().any(|&b| b != 0));
+        // The device-readable buffer is left alone, and so are the bytes after each buffer.
+        assert!(read(&mem, BUF + 0x1000, 64).iter().all(|&b| b == 0));
+        assert!(read(&mem, BUF + 256, 16).iter().all(|&b| b == 0));
+        assert_eq!(irq.evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn two_requests_get_different_bytes() {
+        let mem = guest_memory(MEM_SIZE);
+        let (mut rng, mut queue, _irq) = activated(&mem);
+        queue.add(&mem, &[w(BUF, 64)]);
+        queue.add(&mem, &[w(BUF + 0x1000, 64)]);
+        rng.process_queue();
+        assert_eq!(queue.used_idx(&mem), 2);
+        assert_ne!(read(&mem, BUF, 64), read(&mem, BUF + 0x1000, 64));
+    }
+
+    #[test]
+    fn oversize_request_is_capped() {
+        let mem = guest_memory(MEM_SIZE);
+        let (mut rng, mut queue, _irq) = activated(&mem);
+        let big = MAX_REQUEST_BYTES / 2 + 4096;
+        let second = BUF + 0x10_0000;
+        queue.add(&mem, &[w(BUF, big), w(second, big), w(BUF + 0x30_0000, 16)]);
+        rng.process_queue();
+        assert_eq!(queue.used(&mem, 0).1, MAX_REQUEST_BYTES);
+        // The tail of the second buffer past the cap, and the third, were not written.
+        let filled = (MAX_REQUEST_BYTES - big) as usize;
+        assert!(read(&mem, second + filled as u64, 4096)
+            .iter()
+            .all(|&b| b == 0));
+        assert!(read(&mem, second + filled as u64 - 4096, 4096)
+            .iter()
+            .any(|&b| b != 0));
+        assert!(read(&mem, BUF + 0x30_0000, 16).iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn odd_chains_are_returned() {
+        let mem = guest_memory(MEM_SIZE);
+        let (mut rng, mut queue, _irq) = activated(&mem);
+        // Only device-readable buffers: nothing to fill.
+        queue.add(&mem, &[r(BUF, 64)]);
+        // A buffer outside guest memory after a good one: stops there.
+        queue.add(&mem, &[w(BUF, 32), w(1 << 40, 32), w(BUF + 64, 32)]);
+        // Empty buffers and one running off the end of memory.
+        queue.add(&mem, &[w(BUF, 0), w(MEM_SIZE as u64 - 8, 16)]);
+        queue.add(&mem, &[w(u64::MAX - 4, 16)]);
+        rng.process_queue();
+        assert_eq!(queue.used_idx(&mem), 4);
+        assert_eq!(queue.used(&mem, 0).1, 0);
+        assert_eq!(queue.used(&mem, 1).1, 32);
+        assert_eq!(queue.used(&mem, 2).1, 0);
+        assert_eq!(queue.used(&mem, 3).1, 0);
+    }
+
+    #[test]
+    fn activation_goes_through_the_event_loop() {
+        let mem = guest_memory(MEM_SIZE);
+        let mut queue = TestQueue::new(&mem, 0, 16);
+        let mut em = EventManager::<Rng>::new().unwrap();
+        let id = em.add_subscriber(Rng::new().unwrap());
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = evt.try_clone().unwrap();
+        let irq = IrqTrigger::new().unwrap();
+        let rng = em.subscriber_mut(id).unwrap();
+        assert_eq!(rng.device_type(), TYPE_RNG);
+        assert_eq!(rng.queue_max_sizes(), &[QUEUE_SIZE]);
+        let err = rng
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![],
+                queue_evts: vec![],
+                irq: irq.clone(),
+            })
+            .unwrap_err();
+        assert!(matches!(err, ActivateError::QueueCount { expected: 1, .. }));
+        rng.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![queue.take_queue()],
+            queue_evts: vec![evt],
+            irq: irq.clone(),
+        })
+        .unwrap();
+        assert!(em.run_with_timeout(1000).unwrap() >= 1);
+
+        queue.add(&mem, &[w(BUF, 32)]);
+        kick.write(1).unwrap();
+        assert!(em.run_with_timeout(1000).unwrap() >= 1);
+        assert_eq!(queue.used(&mem, 0).1, 32);
+        assert_eq!(irq.evt.read().unwrap(), 1);
+    }
+}
