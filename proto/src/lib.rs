@@ -1,1 +1,48 @@
-//! Protocol definitions shared by husk components (the agent API arrives with the agent).
+//! husk's wire protocols. No logic lives here: only generated code and re-exports.
+//!
+//! - [`agent`]: the agent API messages (`proto/agent.proto`, rust-protobuf 3).
+//! - [`agent_ttrpc`]: its ttrpc services, async clients and servers (`*Client`, `create_*`).
+
+/// Messages of the agent API (`husk.agent.v1`).
+#[allow(
+    warnings,
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_imports,
+    unused_results,
+    unsafe_op_in_unsafe_fn,
+    rustdoc::all
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent/agent.rs"));
+}
+
+/// ttrpc services of the agent API: `HealthClient`, `create_health`, and so on.
+#[allow(
+    warnings,
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_imports,
+    unused_results,
+    rustdoc::all
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent/agent_ttrpc.rs"));
+}
+
+/// The API version string the agent reports in `Health.Version`.
+pub const AGENT_API_VERSION: &str = "husk.agent.v1";
+
+/// The AF_VSOCK port the agent serves ttrpc on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+pub use protobuf;
+pub use ttrpc;

@@ -1,6 +1,15 @@
 //! husk-vmm: a KVM microVM monitor, one process per pod sandbox.
 //!
-//! Layout follows Firecracker's `src/vmm`: `vstate` owns KVM objects, `devices` the
-//! emulated hardware, `builder` puts a VM together, `api` is the control socket.
+//! Layout follows Firecracker's `src/vmm`: `arch` is the guest's memory layout and boot
+//! structures, `vstate` owns KVM objects, `devices` the emulated hardware, `builder`
+//! puts a VM together from a `VmConfig`, `api` is the control socket.
+pub mod api;
+pub mod arch;
+pub mod builder;
 pub mod check;
+pub mod cleanup;
+pub mod controller;
 pub mod devices;
+pub mod jail;
+pub mod seccomp;
+pub mod vstate;

@@ -1,1 +1,223 @@
-fn main() {}
+//! husk-vmm: boots one microVM and runs it until the guest ends.
+//!
+//! Exit status: 0 the guest shut down or rebooted (or the API stopped it), 1 the VM could
+//! not be set up, 2 usage error, 3 the guest kernel panicked, 4 a vCPU failed.
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use event_manager::{EventManager, SubscriberOps};
+use vmm::api::ApiServer;
+use vmm::builder::{
+    BlockConfig, FsConfig, NetConfig, SerialOutput, Subscriber, TapSource, VmConfig, VsockConfig,
+};
+use vmm::controller::{Controller, JailSpec, Options};
+use vmm::vstate::ExitReason;
+
+#[derive(Parser, Debug)]
+#[command(name = "husk-vmm", version, about = "husk's KVM microVM monitor")]
+struct Args {
+    /// Uncompressed ELF vmlinux with a PVH entry point. With it, the VM boots at once;
+    /// without it, --api-sock is required and the VM is configured over the API.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (newc cpio, uncompressed is fastest).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Appended to the built-in command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Hybrid vsock: host Unix socket (host connects with "CONNECT <port>\n"; guest
+    /// connections to host port P go to "<path>_P").
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// Guest CID for vsock.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
+    /// A raw disk image: PATH or PATH,ro. Repeatable.
+    #[arg(long)]
+    block: Vec<String>,
+    /// A tap device by name: NAME or NAME,mac=aa:bb:cc:dd:ee:ff. Repeatable.
+    #[arg(long)]
+    net_tap: Vec<String>,
+    /// virtio-fs through vhost-user: SOCKET,tag=TAG. Repeatable.
+    #[arg(long)]
+    fs_socket: Vec<String>,
+    /// Guest console: stdout, none, or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// Control API socket (newline-delimited JSON; see the `api` module docs).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Chroot into DIR and drop to --uid/--gid once everything is open (needs root;
+    /// not with virtio-fs, whose helper thread would escape the jail).
+    #[arg(long, requires_all = ["uid", "gid"])]
+    jail: Option<PathBuf>,
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long)]
+    gid: Option<u32>,
+    /// Run without the seccomp filters (debugging only). HUSK_SECCOMP=log logs instead.
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad MAC address {s:?}"))?;
+    parts
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bad MAC address {s:?}: need 6 bytes"))
+}
+
+fn config_from_args(a: Args, kernel: PathBuf) -> anyhow::Result<VmConfig> {
+    let mut cfg = VmConfig {
+        kernel,
+        initramfs: a.initramfs,
+        extra_cmdline: a.cmdline,
+        mem_mib: a.mem,
+        vcpus: a.vcpus,
+        serial: match a.serial.as_str() {
+            "stdout" => SerialOutput::Stdout,
+            "none" => SerialOutput::None,
+            p => SerialOutput::File(p.into()),
+        },
+        vsock: a.vsock_uds.map(|uds_path| VsockConfig {
+            guest_cid: a.vsock_cid,
+            uds_path,
+        }),
+        ..Default::default()
+    };
+    for b in a.block {
+        let (path, ro) = match b.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (b.as_str(), false),
+        };
+        cfg.blocks.push(BlockConfig {
+            path: path.into(),
+            read_only: ro,
+        });
+    }
+    for n in a.net_tap {
+        let mut it = n.split(',');
+        let name = it.next().unwrap_or_default().to_string();
+        let mut mac = None;
+        for opt in it {
+            match opt.strip_prefix("mac=") {
+                Some(m) => mac = Some(parse_mac(m)?),
+                None => bail!("unknown --net-tap option {opt:?}"),
+            }
+        }
+        cfg.nets.push(NetConfig {
+            tap: TapSource::Name(name),
+            mac,
+        });
+    }
+    for f in a.fs_socket {
+        let Some((sock, tag)) = f.split_once(",tag=") else {
+            bail!("--fs-socket wants SOCKET,tag=TAG, got {f:?}");
+        };
+        cfg.fs.push(FsConfig {
+            socket: sock.into(),
+            tag: tag.into(),
+        });
+    }
+    Ok(cfg)
+}
+
+fn run(args: Args, start: Instant) -> anyhow::Result<i32> {
+    let jail = match (&args.jail, args.uid, args.gid) {
+        (Some(dir), Some(uid), Some(gid)) => Some(JailSpec {
+            dir: dir.clone(),
+            uid,
+            gid,
+        }),
+        _ => None,
+    };
+    let api_sock = args.api_sock.clone();
+    let opts = Options {
+        seccomp: !args.no_seccomp,
+    };
+    let mut em = EventManager::<Subscriber>::new()
+        .map_err(|e| anyhow::anyhow!("cannot create the event loop: {e:?}"))?;
+    let ctl = Arc::new(Mutex::new(Controller::new(
+        opts,
+        jail,
+        api_sock.iter().cloned().collect(),
+    )));
+    if let Some(p) = &api_sock {
+        let server = ApiServer::bind(p, ctl.clone()).context("cannot serve the control API")?;
+        em.add_subscriber(Arc::new(Mutex::new(server)));
+    }
+    match args.kernel.clone() {
+        Some(kernel) => {
+            let cfg = config_from_args(args, kernel)?;
+            let mut c = lock(&ctl);
+            c.set_config(cfg);
+            c.start(start).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        None if api_sock.is_none() => {
+            bail!("give --kernel to boot at once, or --api-sock to be configured over the API")
+        }
+        None => tracing::info!("waiting for configuration on the control API"),
+    }
+    let reason = loop {
+        for s in lock(&ctl).take_pending() {
+            em.add_subscriber(s);
+        }
+        if let Some(r) = lock(&ctl).finished() {
+            break r;
+        }
+        em.run()
+            .map_err(|e| anyhow::anyhow!("event loop failed: {e:?}"))?;
+    };
+    match &reason {
+        ExitReason::VcpuError(msg) => tracing::error!("VM ended: vCPU error: {msg}"),
+        ExitReason::GuestPanic => tracing::error!("VM ended: the guest kernel panicked"),
+        r => tracing::info!("VM ended: {}", r.name()),
+    }
+    lock(&ctl).finish_cleanup();
+    if let Some(p) = &api_sock {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(reason.exit_code())
+}
+
+fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let code = match run(args, start) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    // vCPU threads may still sit in KVM_RUN; ending the process ends them.
+    std::process::exit(code)
+}

@@ -1,0 +1,195 @@
+//! husk-bench-vmm: boot-time and overhead benchmark of husk-vmm against QEMU's microvm on
+//! the same guest kernel and initramfs, in the same run. Run it where KVM works (inside
+//! the lab: `tests/lab/run -- target/release/husk-bench-vmm`).
+//!
+//! Boot figure: from spawning the VMM process to the guest's "userspace reached" line on
+//! its serial console, the same measure for both VMMs (husk's own boot-timer port gives
+//! the same point, and is printed for reference). Runs alternate between the two VMMs.
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MARKER: &str = "husk-testinit: userspace reached";
+const MEM_MIB: u64 = 128;
+
+fn husk_cmd(test: &str) -> Command {
+    let g = husk_tests::guest_dir();
+    let mut c = Command::new(husk_tests::bin_dir().join("husk-vmm"));
+    c.arg("--kernel").arg(g.join("vmlinux"));
+    c.arg("--initramfs").arg(g.join("testinit.cpio"));
+    c.args([
+        "--mem",
+        &MEM_MIB.to_string(),
+        "--cmdline",
+        &format!("quiet husk_test={test}"),
+    ]);
+    c
+}
+
+fn qemu_cmd(test: &str) -> Command {
+    let g = husk_tests::guest_dir();
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-machine",
+        "microvm,acpi=off,x-option-roms=off,rtc=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+    ]);
+    c.args([
+        "-m",
+        &MEM_MIB.to_string(),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+    ]);
+    c.args([
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "i8042",
+    ]);
+    c.arg("-kernel").arg(g.join("vmlinux"));
+    c.arg("-initrd").arg(g.join("testinit.cpio"));
+    c.args([
+        "-append",
+        &format!("console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd quiet husk_test={test}"),
+    ]);
+    c
+}
+
+/// Time to the marker line, and the VMM's resident memory outside guest RAM (KiB) sampled
+/// right after the marker.
+fn boot_once(mut c: Command, sample_rss: bool) -> (Duration, Option<u64>) {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    let mut child = c.spawn().expect("spawn VMM");
+    let out = child.stdout.take().unwrap();
+    let mut boot = None;
+    let mut rss = None;
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if boot.is_none() && line.contains(MARKER) {
+            boot = Some(start.elapsed());
+            if sample_rss {
+                rss = overhead_kib(child.id());
+            }
+        }
+    }
+    let _ = child.wait();
+    (boot.expect("guest never reached userspace"), rss)
+}
+
+/// Sum of Rss over the process's mappings, minus the guest RAM mapping(s).
+fn overhead_kib(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut size) = (0u64, 0u64);
+    for l in smaps.lines() {
+        let mut it = l.split_whitespace();
+        match it.next() {
+            Some("Size:") => size = it.next()?.parse().ok()?,
+            Some("Rss:") => {
+                let rss: u64 = it.next()?.parse().ok()?;
+                if size < MEM_MIB * 1024 {
+                    total += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(total)
+}
+
+fn vsock_round_trip() -> Duration {
+    let dir = std::env::temp_dir().join(format!("husk-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uds = dir.join("v.sock");
+    let _host = std::os::unix::net::UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let mut c = husk_cmd("vsock");
+    c.arg("--vsock-uds").arg(&uds);
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    let mut child = c.spawn().unwrap();
+    let rt = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no vsock round trip"
+        );
+        if let Ok(mut s) = UnixStream::connect(&uds) {
+            if s.write_all(b"CONNECT 1024\n").is_ok() {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                    s.write_all(b"ping\n").unwrap();
+                    line.clear();
+                    r.read_line(&mut line).unwrap();
+                    assert_eq!(line, "ping\n");
+                    break start.elapsed();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir);
+    rt
+}
+
+fn stats(v: &mut [Duration]) -> (f64, f64, f64) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    (ms(v[v.len() / 2]), ms(v[0]), ms(v[v.len() - 1]))
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip_while(|a| a != "--runs")
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    husk_tests::require_kvm();
+    let (mut husk, mut qemu) = (vec![], vec![]);
+    for i in 0..runs {
+        husk.push(boot_once(husk_cmd("boot"), false).0);
+        qemu.push(boot_once(qemu_cmd("boot"), false).0);
+        eprintln!(
+            "run {}/{runs}: husk {:?} qemu {:?}",
+            i + 1,
+            husk[i],
+            qemu[i]
+        );
+    }
+    let husk_rss = boot_once(husk_cmd("hold"), true).1.unwrap_or(0);
+    let qemu_rss = boot_once(qemu_cmd("hold"), true).1.unwrap_or(0);
+    let rt = vsock_round_trip();
+    let (hm, hmin, hmax) = stats(&mut husk);
+    let (qm, qmin, qmax) = stats(&mut qemu);
+    println!("husk-vmm vs QEMU microvm ({runs} alternating runs each, 1 vCPU, {MEM_MIB} MiB, same kernel + initramfs)");
+    println!("| metric | husk-vmm | QEMU microvm | husk/QEMU |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| boot to userspace, median (ms) | {hm:.0} | {qm:.0} | {:.2} |",
+        hm / qm
+    );
+    println!("| boot, min / max (ms) | {hmin:.0} / {hmax:.0} | {qmin:.0} / {qmax:.0} | |");
+    println!(
+        "| VMM RSS outside guest RAM (MiB) | {:.1} | {:.1} | {:.2} |",
+        husk_rss as f64 / 1024.0,
+        qemu_rss as f64 / 1024.0,
+        husk_rss as f64 / qemu_rss.max(1) as f64
+    );
+    println!(
+        "| VMM start to first vsock round trip (ms) | {:.0} | n/a | |",
+        rt.as_secs_f64() * 1000.0
+    );
+}

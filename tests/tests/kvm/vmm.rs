@@ -1,0 +1,427 @@
+//! husk-vmm booting the real guest kernel with the test init, device by device.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use husk_tests::vmm_proc::{self, Output};
+
+const T: Duration = Duration::from_secs(120);
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("husk-kvm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn boot_ms(o: &Output) -> f64 {
+    let line = o
+        .stderr
+        .lines()
+        .find(|l| l.contains("guest userspace started"))
+        .unwrap_or_else(|| panic!("no boot marker in the VMM log:\n{}", o.stderr));
+    line.split("boot_ms=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unparseable boot marker line {line}"))
+}
+
+#[test]
+fn boots_to_userspace_and_exits_cleanly_on_reboot() {
+    husk_tests::require_kvm();
+    let o = vmm_proc::run("boot", "", &[], T);
+    o.assert_pass("boot");
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stdout.contains("husk-testinit: userspace reached"));
+    assert!(o.stderr.contains("VM ended: guest_reset"), "{}", o.stderr);
+    let ms = boot_ms(&o);
+    assert!(ms > 0.0 && ms < 120_000.0, "boot took {ms} ms");
+}
+
+#[test]
+fn two_vcpus_come_online() {
+    husk_tests::require_kvm();
+    let o = vmm_proc::run("smp", "", &["--vcpus", "2"], T);
+    let v = o.assert_pass("smp");
+    assert!(v.contains("online=0-1"), "{v}");
+}
+
+#[test]
+fn guest_panic_has_its_own_exit_status() {
+    husk_tests::require_kvm();
+    let o = vmm_proc::run("panic", "", &[], T);
+    assert_eq!(o.code, Some(3), "{}\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("panicked"), "{}", o.stderr);
+}
+
+#[test]
+fn bad_kernel_is_a_clear_setup_error() {
+    husk_tests::require_kvm();
+    let d = tmpdir("badkernel");
+    let k = d.join("not-a-kernel");
+    std::fs::write(&k, b"garbage").unwrap();
+    let o = vmm_proc::wait(
+        Command::new(husk_tests::bin_dir().join("husk-vmm"))
+            .arg("--kernel")
+            .arg(&k)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+        T,
+    );
+    assert_eq!(o.code, Some(1));
+    assert!(o.stderr.contains("kernel"), "{}", o.stderr);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> UnixStream {
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "guest never accepted on vsock port {port}"
+        );
+        if let Ok(mut s) = UnixStream::connect(uds) {
+            s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_ok() && line.starts_with("OK ") {
+                return s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn vsock_echoes_16_mib_and_guest_reaches_host() {
+    husk_tests::require_kvm();
+    let d = tmpdir("vsock");
+    let uds = d.join("vsock.sock");
+    let host_listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = host_listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(c.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        c.write_all(b"hi guest\n").unwrap();
+        line
+    });
+    let child = vmm_proc::command("vsock", "")
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .spawn()
+        .unwrap();
+    let s = connect_guest(&uds, 1024, Instant::now() + Duration::from_secs(90));
+    const LEN: usize = 16 << 20;
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 7 % 253) as u8).collect();
+    let mut w = s.try_clone().unwrap();
+    let expect = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::with_capacity(LEN);
+    (&s).take(LEN as u64).read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(
+        got == expect,
+        "echoed bytes differ (got {} bytes)",
+        got.len()
+    );
+    drop(s);
+    let o = vmm_proc::wait(child, T);
+    let v = o.assert_pass("vsock");
+    assert!(v.contains(&format!("echoed={LEN}")), "{v}");
+    assert!(v.contains("host-said=hi guest"), "{v}");
+    assert_eq!(server.join().unwrap(), "hello from the guest\n");
+    assert_eq!(o.code, Some(0));
+    assert!(!uds.exists(), "the VMM left its vsock socket behind");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn block_write_read_and_read_only_disk() {
+    husk_tests::require_kvm();
+    let d = tmpdir("block");
+    let (rw, ro) = (d.join("rw.img"), d.join("ro.img"));
+    std::fs::write(&rw, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&ro, vec![0xeeu8; 1 << 20]).unwrap();
+    let o = vmm_proc::run(
+        "block",
+        "",
+        &[
+            "--block",
+            rw.to_str().unwrap(),
+            "--block",
+            &format!("{},ro", ro.display()),
+        ],
+        T,
+    );
+    let v = o.assert_pass("block");
+    assert!(v.contains("vdb-write-refused"), "{v}");
+    let bytes = std::fs::read(&rw).unwrap();
+    let expected: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        &bytes[4096..4096 + (64 << 10)],
+        &expected[..],
+        "host file lacks the guest's pattern"
+    );
+    assert!(
+        std::fs::read(&ro).unwrap().iter().all(|b| *b == 0xee),
+        "read-only disk changed"
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+/// A network namespace of our own, removed on drop, so the test's tap and addresses
+/// never touch the host's network.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Netns {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        assert!(Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap()
+            .success());
+        Netns(name.into())
+    }
+    fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip -n {} {args:?} failed", self.0);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn net_guest_pings_the_host_end_of_its_tap() {
+    husk_tests::require_kvm();
+    let ns = Netns::new("husk-kvm-net");
+    ns.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+    ns.ip(&["addr", "add", "10.213.0.1/24", "dev", "tap0"]);
+    ns.ip(&["link", "set", "tap0", "up"]);
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.0]);
+    let vmm = vmm_proc::command("net", "husk_net=10.213.0.2/24,10.213.0.1");
+    c.arg(vmm.get_program()).args(vmm.get_args());
+    c.args(["--net-tap", "tap0,mac=06:00:0a:d5:00:02"]);
+    c.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let o = vmm_proc::wait(c.spawn().unwrap(), T);
+    let v = o.assert_pass("net");
+    assert!(v.contains("echo-reply"), "{v}");
+}
+
+#[test]
+fn fs_share_reads_and_writes_host_files() {
+    husk_tests::require_kvm();
+    let virtiofsd = vmm::devices::virtio::fs::virtiofsd_path()
+        .expect("virtiofsd is missing: run scripts/setup");
+    let d = tmpdir("fs");
+    let share = d.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
+    let sock = d.join("vfs.sock");
+    let mut vfsd = Command::new(virtiofsd)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--shared-dir")
+        .arg(&share)
+        .args(["--sandbox", "none", "--cache", "never"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let o = vmm_proc::run(
+        "fs",
+        "",
+        &["--fs-socket", &format!("{},tag=husk_fs", sock.display())],
+        T,
+    );
+    let _ = vfsd.kill();
+    let _ = vfsd.wait();
+    let v = o.assert_pass("fs");
+    assert!(v.contains("host-said=hello from the host"), "{v}");
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest.txt")).unwrap(),
+        "written by the guest\n"
+    );
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn four_vms_boot_concurrently() {
+    husk_tests::require_kvm();
+    let children: Vec<_> = (0..4)
+        .map(|_| vmm_proc::command("boot", "").spawn().unwrap())
+        .collect();
+    for c in children {
+        let o = vmm_proc::wait(c, Duration::from_secs(240));
+        o.assert_pass("boot");
+        assert_eq!(o.code, Some(0));
+    }
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            let after = stat.rsplit_once(") ").map(|x| x.1).unwrap_or("");
+            if after.split_whitespace().nth(1) == Some(&pid.to_string()) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn killing_the_vmm_leaves_no_socket_tap_or_child() {
+    husk_tests::require_kvm();
+    let d = tmpdir("kill");
+    let uds = d.join("vsock.sock");
+    let tap = "huskkill0";
+    let mut child = vmm_proc::command("vsock", "")
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .args(["--net-tap", tap])
+        .spawn()
+        .unwrap();
+    // Once the guest listens, the VM is fully up.
+    let s = connect_guest(&uds, 1024, Instant::now() + Duration::from_secs(90));
+    let pid = child.id();
+    assert!(
+        Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "the VMM made no tap"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (uds.exists() || Path::new(&format!("/sys/class/net/{tap}")).exists())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!uds.exists(), "vsock socket left behind");
+    assert!(
+        !Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "tap left behind"
+    );
+    assert!(children_of(pid).is_empty(), "child processes left behind");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn control_api_configures_starts_pauses_and_shuts_down() {
+    use vmm::api::{self, Request, VmState};
+    husk_tests::require_kvm();
+    let d = tmpdir("api");
+    let sock = d.join("api.sock");
+    let child = Command::new(husk_tests::bin_dir().join("husk-vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the API socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let call = |r: Request| api::request(&sock, &r, &[]).expect("API round trip");
+    let status = || -> api::VmStatus { call(Request::Status).parse_result().unwrap() };
+    assert_eq!(status().state, VmState::Configuring);
+    let early = call(Request::Start);
+    assert!(!early.ok, "start without configure must be refused");
+    let g = husk_tests::guest_dir();
+    let cfg = format!(
+        r#"{{"op":"configure","kernel":"{}","initramfs":"{}","cmdline":"quiet husk_test=vsock","mem_mib":128,"vcpus":1,"serial":"stdout"}}"#,
+        g.join("vmlinux").display(),
+        g.join("testinit.cpio").display()
+    );
+    assert!(call(serde_json::from_str(&cfg).unwrap()).ok);
+    let uds = d.join("vsock.sock");
+    assert!(
+        call(Request::AddVsock(api::VsockConfig {
+            guest_cid: 3,
+            uds_path: uds.clone()
+        }))
+        .ok
+    );
+    assert!(call(Request::Start).ok);
+    assert_eq!(status().state, VmState::Running);
+    let refused = call(Request::AddVsock(api::VsockConfig {
+        guest_cid: 4,
+        uds_path: d.join("x"),
+    }));
+    assert!(!refused.ok, "devices cannot be added after start");
+    // The guest is up once it answers on vsock.
+    let s = connect_guest(&uds, 1024, Instant::now() + Duration::from_secs(90));
+    assert!(
+        status().boot_ms.is_some(),
+        "no boot time after the guest is up"
+    );
+    assert!(call(Request::Pause).ok);
+    assert_eq!(status().state, VmState::Paused);
+    assert!(call(Request::Resume).ok);
+    assert_eq!(status().state, VmState::Running);
+    let mut s2 = s.try_clone().unwrap();
+    s2.write_all(b"still alive\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert_eq!(
+        line, "still alive\n",
+        "the guest did not run again after resume"
+    );
+    assert!(call(Request::Shutdown).ok);
+    let o = vmm_proc::wait(child, T);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert!(o.stderr.contains("VM ended: api"), "{}", o.stderr);
+    assert!(!sock.exists() && !uds.exists(), "sockets left behind");
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[test]
+fn jailed_vmm_boots_as_an_unprivileged_user() {
+    husk_tests::require_kvm();
+    let d = tmpdir("jail");
+    let o = vmm_proc::run(
+        "boot",
+        "",
+        &[
+            "--jail",
+            d.join("root").to_str().unwrap(),
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+        ],
+        T,
+    );
+    o.assert_pass("boot");
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    std::fs::remove_dir_all(d).unwrap();
+}

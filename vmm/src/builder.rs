@@ -1,0 +1,398 @@
+//! Puts a VM together from a `VmConfig`: KVM VM and memory, kernel + initramfs via PVH,
+//! the MP table, legacy devices on the I/O bus, virtio devices on MMIO (announced on the
+//! kernel command line), and the vCPUs. Everything that opens a file or a device happens
+//! here, on the main thread, before any seccomp filter or jail.
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::IoEventAddress;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::{self, FIRST_DEVICE_IRQ, LAST_IRQ, MMIO_DEVICES_START, MMIO_DEVICE_SIZE};
+use crate::arch::{mptable, pvh};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::boot_timer::BootTime;
+use crate::devices::legacy::{boot_timer, i8042, serial, BootTimer, SerialDevice, I8042};
+use crate::devices::virtio::mmio::{cmdline_entry, MmioTransport};
+use crate::devices::virtio::{block, fs, net, rng, vsock, GuestMemory, VirtioDevice};
+use crate::vstate::vcpu::{self, Vcpu};
+use crate::vstate::vm::Vm;
+use crate::vstate::VmExit;
+
+/// The command line every guest gets before the devices' entries: console on the UART,
+/// `reboot=k` so a guest reboot resets through the i8042 and ends the VM, no waiting after
+/// a panic, and no slow i8042 AUX probing in kernels that have the driver.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialOutput {
+    #[default]
+    Stdout,
+    None,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug)]
+pub enum TapSource {
+    Name(String),
+    Fd(OwnedFd),
+}
+
+#[derive(Debug)]
+pub struct NetConfig {
+    pub tap: TapSource,
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsConfig {
+    pub socket: PathBuf,
+    pub tag: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    /// Appended to DEFAULT_CMDLINE.
+    pub extra_cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub serial: SerialOutput,
+    pub blocks: Vec<BlockConfig>,
+    pub nets: Vec<NetConfig>,
+    pub fs: Vec<FsConfig>,
+    pub vsock: Option<VsockConfig>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: PathBuf::new(),
+            initramfs: None,
+            extra_cmdline: String::new(),
+            mem_mib: 128,
+            vcpus: 1,
+            serial: SerialOutput::Stdout,
+            blocks: vec![],
+            nets: vec![],
+            fs: vec![],
+            vsock: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error(transparent)]
+    Boot(#[from] pvh::BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error("cannot allocate guest memory: {0}")]
+    Memory(String),
+    #[error("{what}: {err}")]
+    Device { what: String, err: String },
+    #[error("too many devices: IRQs {FIRST_DEVICE_IRQ}..={LAST_IRQ} are used up")]
+    TooManyDevices,
+    #[error("cannot register {what} with KVM: {err}")]
+    Kvm {
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built VM, not yet running: call `start`.
+pub struct BuiltVm {
+    pub vm: Vm,
+    pub mem: GuestMemory,
+    pub exit: Arc<VmExit>,
+    pub panicked: Arc<AtomicBool>,
+    pub boot_time: BootTime,
+    /// Device event handlers, for the caller's event loop.
+    pub subscribers: Vec<Subscriber>,
+    pub cmdline: String,
+    vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    /// Socket files the VM created and must remove when it ends.
+    pub cleanup_paths: Vec<PathBuf>,
+}
+
+fn dev_err(what: impl Into<String>, err: impl std::fmt::Display) -> BuildError {
+    BuildError::Device {
+        what: what.into(),
+        err: err.to_string(),
+    }
+}
+
+fn guest_memory(cfg: &VmConfig) -> Result<GuestMemory, BuildError> {
+    if cfg.mem_mib < 16 {
+        return Err(BuildError::Config(format!(
+            "{} MiB of guest memory is too little (at least 16)",
+            cfg.mem_mib
+        )));
+    }
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.mem_mib << 20)
+        .into_iter()
+        .map(|(a, l)| (GuestAddress(a), l as usize))
+        .collect();
+    if cfg.fs.is_empty() {
+        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::Memory(e.to_string()))
+    } else {
+        // vhost-user back ends map guest memory themselves: it must be memfd-backed.
+        fs::shared_guest_memory(&ranges).map_err(|e| BuildError::Memory(e.to_string()))
+    }
+}
+
+fn serial_writer(out: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match out {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| dev_err(format!("serial output {}", p.display()), e))?,
+        ),
+    })
+}
+
+pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
+    if cfg.vcpus == 0 || cfg.vcpus > 32 {
+        return Err(BuildError::Config(format!(
+            "{} vCPUs: choose 1 to 32",
+            cfg.vcpus
+        )));
+    }
+    let vm = Vm::new()?;
+    let mem = guest_memory(&cfg)?;
+    vm.register_memory(&mem)?;
+    let ram = layout::ram_ranges(cfg.mem_mib << 20);
+
+    let kernel = pvh::load_kernel(&mem, &cfg.kernel)?;
+    let initrd = match &cfg.initramfs {
+        Some(p) => Some(pvh::load_initrd(&mem, p, kernel.kernel_end)?),
+        None => None,
+    };
+    pvh::write_gdt(&mem)?;
+    pvh::write_start_info(&mem, &ram, initrd)?;
+    mptable::setup(&mem, cfg.vcpus)?;
+
+    let exit = Arc::new(VmExit::new()?);
+    let panicked = Arc::new(AtomicBool::new(false));
+
+    let mut pio = Bus::new();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK)?;
+    vm.fd
+        .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+        .map_err(|err| BuildError::Kvm {
+            what: "the serial IRQ",
+            err,
+        })?;
+    let serial = SerialDevice::new(serial_irq, serial_writer(&cfg.serial)?, panicked.clone());
+    let bus_err = |e: crate::devices::bus::BusError| dev_err("I/O bus", e);
+    pio.insert(
+        Arc::new(Mutex::new(serial)),
+        serial::SERIAL_BASE,
+        serial::SERIAL_LEN,
+    )
+    .map_err(bus_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        i8042::I8042_BASE,
+        i8042::I8042_LEN,
+    )
+    .map_err(bus_err)?;
+    let timer = BootTimer::new(start);
+    let boot_time = timer.handle();
+    pio.insert(Arc::new(Mutex::new(timer)), boot_timer::BOOT_MARKER_PORT, 1)
+        .map_err(bus_err)?;
+
+    let mut devices = Devices {
+        vm: &vm,
+        mem: &mem,
+        subscribers: Vec::new(),
+        mmio: Bus::new(),
+        cmdline: String::new(),
+        next: 0,
+    };
+    let mut cleanup_paths = Vec::new();
+    devices.add(Arc::new(Mutex::new(
+        rng::Rng::new().map_err(|e| dev_err("virtio-rng", e))?,
+    )))?;
+    for b in &cfg.blocks {
+        let what = format!("disk {}", b.path.display());
+        let d = block::Block::new(&b.path, b.read_only).map_err(|e| dev_err(&what, e))?;
+        devices.add(Arc::new(Mutex::new(d)))?;
+    }
+    for n in cfg.nets.drain(..) {
+        let d = match n.tap {
+            TapSource::Name(name) => net::Net::new_with_tap_name(&name, n.mac)
+                .map_err(|e| dev_err(format!("tap {name}"), e))?,
+            TapSource::Fd(fd) => {
+                net::Net::new_with_tap_fd(fd, n.mac).map_err(|e| dev_err("tap fd", e))?
+            }
+        };
+        devices.add(Arc::new(Mutex::new(d)))?;
+    }
+    for f in &cfg.fs {
+        let d = fs::Fs::new(&f.socket, &f.tag, 1, fs::DEFAULT_QUEUE_SIZE)
+            .map_err(|e| dev_err(format!("virtio-fs {}", f.socket.display()), e))?;
+        devices.add(Arc::new(Mutex::new(d)))?;
+    }
+    if let Some(v) = &cfg.vsock {
+        let d = vsock::Vsock::new(v.guest_cid, &v.uds_path)
+            .map_err(|e| dev_err(format!("vsock {}", v.uds_path.display()), e))?;
+        devices.add(Arc::new(Mutex::new(d)))?;
+        cleanup_paths.push(v.uds_path.clone());
+    }
+    let mmio = devices.mmio;
+    let subscribers = devices.subscribers;
+    let mut cmdline = format!("{DEFAULT_CMDLINE}{}", devices.cmdline);
+    if !cfg.extra_cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&cfg.extra_cmdline);
+    }
+    pvh::write_cmdline(&mem, &cmdline)?;
+
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for id in 0..cfg.vcpus {
+        let v = Vcpu::new(&vm.fd, id)?;
+        v.configure(&vm.kvm, cfg.vcpus, kernel.entry.0)?;
+        vcpus.push(v);
+    }
+    Ok(BuiltVm {
+        vm,
+        mem,
+        exit,
+        panicked,
+        boot_time,
+        subscribers,
+        cmdline,
+        vcpus,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        cleanup_paths,
+    })
+}
+
+/// Places virtio devices: one MMIO window and one IRQ each, ioeventfds and irqfd wired.
+struct Devices<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemory,
+    subscribers: Vec<Subscriber>,
+    mmio: Bus,
+    cmdline: String,
+    next: u32,
+}
+
+impl Devices<'_> {
+    fn add<D: VirtioDevice + 'static>(&mut self, dev: Arc<Mutex<D>>) -> Result<(), BuildError> {
+        let irq = FIRST_DEVICE_IRQ + self.next;
+        if irq > LAST_IRQ {
+            return Err(BuildError::TooManyDevices);
+        }
+        let base = MMIO_DEVICES_START + u64::from(self.next) * MMIO_DEVICE_SIZE;
+        let transport = MmioTransport::new(self.mem.clone(), dev.clone())?;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            // Notify register: the guest writes the queue index there.
+            self.vm
+                .fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), i as u32)
+                .map_err(|err| BuildError::Kvm {
+                    what: "a queue notification (ioeventfd)",
+                    err,
+                })?;
+        }
+        self.vm
+            .fd
+            .register_irqfd(&transport.irq().evt, irq)
+            .map_err(|err| BuildError::Kvm {
+                what: "a device IRQ (irqfd)",
+                err,
+            })?;
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)
+            .map_err(|e| dev_err("MMIO bus", e))?;
+        self.subscribers.push(dev);
+        self.cmdline.push(' ');
+        self.cmdline
+            .push_str(&cmdline_entry(MMIO_DEVICE_SIZE, base, irq));
+        self.next += 1;
+        Ok(())
+    }
+}
+
+impl BuiltVm {
+    /// Starts one thread per vCPU; `on_start` runs on each before its first KVM_RUN.
+    pub fn start(
+        &mut self,
+        on_start: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    ) -> Result<RunningVcpus, BuildError> {
+        vcpu::install_kick_handler()?;
+        let control = Arc::new(vcpu::RunControl::default());
+        let shared = vcpu::VcpuShared {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            exit: self.exit.clone(),
+            control: control.clone(),
+            on_start,
+        };
+        let mut threads = Vec::new();
+        for v in self.vcpus.drain(..) {
+            threads.push(v.spawn(shared.clone())?);
+        }
+        Ok(RunningVcpus { threads, control })
+    }
+}
+
+pub struct RunningVcpus {
+    pub threads: Vec<std::thread::JoinHandle<()>>,
+    pub control: Arc<vcpu::RunControl>,
+}
+
+impl RunningVcpus {
+    pub fn pause(&self) -> Result<(), vcpu::VcpuError> {
+        vcpu::pause_all(
+            &self.control,
+            &self.threads,
+            std::time::Duration::from_secs(2),
+        )
+    }
+    pub fn resume(&self) {
+        vcpu::resume_all(&self.control)
+    }
+}

@@ -1,0 +1,252 @@
+//! The VMM's controller: holds the configuration until `start`, then the running VM.
+//! It serves the control API (`ApiHandler`) and is what the one-shot CLI drives too, so
+//! both paths go through the same code.
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::api::{self, ApiHandler, Request, Response, VmState, VmStatus};
+use crate::builder::{
+    self, BlockConfig, BuiltVm, FsConfig, NetConfig, RunningVcpus, SerialOutput, Subscriber,
+    TapSource, VmConfig, VsockConfig,
+};
+use crate::cleanup::{self, CleanupGuard};
+use crate::seccomp::{self, ThreadKind};
+use crate::vstate::{ExitReason, VmExit};
+
+/// Optional chroot + privilege drop, entered after everything is opened.
+#[derive(Debug, Clone)]
+pub struct JailSpec {
+    pub dir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub seccomp: bool,
+}
+
+struct Running {
+    vm: BuiltVm,
+    vcpus: RunningVcpus,
+    cleanup: CleanupGuard,
+}
+
+pub struct Controller {
+    cfg: VmConfig,
+    configured: bool,
+    state: VmState,
+    running: Option<Running>,
+    /// Event-loop subscribers made while handling a request, for the loop to add.
+    pending: Vec<Subscriber>,
+    /// Set when the VM ended, or was shut down before it started.
+    ended: Option<ExitReason>,
+    extra_cleanup: Vec<PathBuf>,
+    jail: Option<JailSpec>,
+    opts: Options,
+}
+
+/// Wakes the event loop when any thread ends the VM.
+struct ExitWatcher(Arc<VmExit>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.evt.read();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0.evt, EventSet::IN)) {
+            tracing::error!("cannot watch the VM exit event: {e:?}");
+        }
+    }
+}
+
+impl Controller {
+    pub fn new(opts: Options, jail: Option<JailSpec>, extra_cleanup: Vec<PathBuf>) -> Self {
+        Controller {
+            cfg: VmConfig::default(),
+            configured: false,
+            state: VmState::Configuring,
+            running: None,
+            pending: Vec::new(),
+            ended: None,
+            extra_cleanup,
+            jail,
+            opts,
+        }
+    }
+
+    /// Sets the whole configuration at once (the CLI path).
+    pub fn set_config(&mut self, cfg: VmConfig) {
+        self.cfg = cfg;
+        self.configured = true;
+    }
+
+    pub fn take_pending(&mut self) -> Vec<Subscriber> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// The final reason once the VM is over; a reset after a panic banner is a panic.
+    pub fn finished(&mut self) -> Option<ExitReason> {
+        if self.ended.is_none() {
+            let r = self.running.as_ref()?;
+            let mut reason = r.vm.exit.reason()?;
+            if reason == ExitReason::GuestReset && r.vm.panicked.load(Ordering::SeqCst) {
+                reason = ExitReason::GuestPanic;
+            }
+            self.ended = Some(reason);
+            self.state = VmState::Exited;
+        }
+        self.ended.clone()
+    }
+
+    /// Stops waiting for the cleanup helper: it removes the socket files once we are gone.
+    pub fn finish_cleanup(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.cleanup.finish();
+        }
+    }
+
+    /// Builds and starts the VM; boot time is measured from `origin` (process start in
+    /// the CLI mode, the `start` request in the API mode).
+    pub fn start(&mut self, origin: Instant) -> Result<(), String> {
+        if !self.configured {
+            return Err("start needs a configure first (kernel, memory, vCPUs)".into());
+        }
+        let cfg = std::mem::take(&mut self.cfg);
+        let mut vm =
+            builder::build(cfg, origin).map_err(|e| format!("cannot build the VM: {e}"))?;
+        let mut paths = vm.cleanup_paths.clone();
+        paths.extend(self.extra_cleanup.iter().cloned());
+        let cleanup = cleanup::spawn(&paths).map_err(|e| e.to_string())?;
+        if let Some(j) = &self.jail {
+            crate::jail::enter(&j.dir, j.uid, j.gid)
+                .map_err(|e| format!("cannot enter the jail: {e}"))?;
+        }
+        let want_seccomp = self.opts.seccomp;
+        let on_start: Arc<dyn Fn() -> Result<(), String> + Send + Sync> = Arc::new(move || {
+            if want_seccomp {
+                seccomp::install(ThreadKind::Vcpu).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+        let vcpus = vm.start(on_start).map_err(|e| e.to_string())?;
+        if want_seccomp {
+            seccomp::install(ThreadKind::Vmm)
+                .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+        }
+        self.pending.append(&mut vm.subscribers);
+        self.pending
+            .push(Arc::new(Mutex::new(ExitWatcher(vm.exit.clone()))));
+        self.running = Some(Running { vm, vcpus, cleanup });
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn status(&mut self) -> VmStatus {
+        let exit_reason = self.finished().map(|r| match r {
+            ExitReason::GuestReset => api::ExitReason::GuestReset,
+            ExitReason::GuestPanic => api::ExitReason::GuestPanic,
+            ExitReason::VcpuError(_) => api::ExitReason::VcpuError,
+            ExitReason::Api => api::ExitReason::Api,
+        });
+        VmStatus {
+            state: self.state,
+            exit_reason,
+            boot_ms: self
+                .running
+                .as_ref()
+                .and_then(|r| r.vm.boot_time.micros())
+                .map(|us| us / 1000),
+        }
+    }
+
+    fn configure(&mut self, c: api::VmConfig) {
+        self.cfg.kernel = c.kernel;
+        self.cfg.initramfs = c.initramfs;
+        self.cfg.extra_cmdline = c.cmdline.unwrap_or_default();
+        self.cfg.mem_mib = u64::from(c.mem_mib);
+        self.cfg.vcpus = c.vcpus;
+        self.cfg.serial = match c.serial {
+            api::SerialConfig::Stdout => SerialOutput::Stdout,
+            api::SerialConfig::Disabled => SerialOutput::None,
+            api::SerialConfig::File(p) => SerialOutput::File(p),
+        };
+        self.configured = true;
+    }
+}
+
+impl ApiHandler for Controller {
+    fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Response {
+        let _ = self.finished();
+        if let Err(e) = req.check_state(self.state) {
+            return Response::error(e);
+        }
+        match req {
+            Request::Configure(c) => self.configure(c),
+            Request::AddBlock(b) => self.cfg.blocks.push(BlockConfig {
+                path: b.path,
+                read_only: b.read_only,
+            }),
+            Request::AddNet(n) => {
+                let tap = match (n.tap_name, n.tap_fd) {
+                    (Some(name), _) => TapSource::Name(name),
+                    (None, Some(i)) if i < fds.len() => TapSource::Fd(fds.swap_remove(i)),
+                    _ => return Response::error("add_net: tap_fd does not name a passed fd"),
+                };
+                self.cfg.nets.push(NetConfig {
+                    tap,
+                    mac: n.mac.map(|m| m.0),
+                });
+            }
+            Request::AddFs(f) => self.cfg.fs.push(FsConfig {
+                socket: f.socket_path,
+                tag: f.tag,
+            }),
+            Request::AddVsock(v) => {
+                self.cfg.vsock = Some(VsockConfig {
+                    guest_cid: v.guest_cid,
+                    uds_path: v.uds_path,
+                })
+            }
+            Request::Start => {
+                if let Err(e) = self.start(Instant::now()) {
+                    tracing::error!("{e}");
+                    return Response::error(e);
+                }
+            }
+            Request::Pause => match &self.running {
+                Some(r) => {
+                    if let Err(e) = r.vcpus.pause() {
+                        return Response::error(e.to_string());
+                    }
+                    self.state = VmState::Paused;
+                }
+                None => return Response::error("the VM is not running"),
+            },
+            Request::Resume => {
+                if let Some(r) = &self.running {
+                    r.vcpus.resume();
+                    self.state = VmState::Running;
+                }
+            }
+            Request::Shutdown => match &self.running {
+                Some(r) => {
+                    r.vcpus.resume();
+                    r.vm.exit.signal(ExitReason::Api)
+                }
+                None => {
+                    self.ended = Some(ExitReason::Api);
+                    self.state = VmState::Exited;
+                }
+            },
+            Request::Status => return Response::ok_with(&self.status()),
+        }
+        Response::ok()
+    }
+}

@@ -1,0 +1,815 @@
+//! Seccomp filters: each VMM thread allows only the system calls its kind of work needs.
+//!
+//! A guest that breaks out of KVM into the VMM lands in a process that can do little: no
+//! `open`, no `execve`, no new sockets but Unix ones, no thread creation, no `ptrace`, no
+//! `mount`; only the calls listed below, some with their arguments checked too.
+//!
+//! # Thread kinds and when to install
+//!
+//! * [`ThreadKind::Vcpu`]: each vCPU thread, first thing (before its first `KVM_RUN`); the
+//!   builder's `on_start` hook is the place.
+//! * [`ThreadKind::Vmm`]: the main thread, which runs the event loop and serves the API (so
+//!   there is no separate API kind). Install it right after `start` has spawned the vCPU
+//!   threads: before that the VMM is still opening files and creating threads, and a filter is
+//!   inherited by threads created after it, so a vCPU thread spawned later would have to pass
+//!   both filters (and the `Vmm` one does not allow `seccomp` or `prctl`).
+//!
+//! Helper threads (virtio-fs's watchdog) start before any filter and stay unfiltered.
+//!
+//! [`install`] filters the calling thread only (no TSYNC) and sets `PR_SET_NO_NEW_PRIVS`.
+//!
+//! # What a forbidden call does
+//!
+//! `SeccompAction::Trap`: the kernel skips the call and raises SIGSYS on the thread; our SIGSYS
+//! handler (installed by [`install`]) writes `husk-vmm: seccomp: forbidden syscall N ...` to
+//! stderr and re-raises SIGSYS with its default action, so the process dies *by SIGSYS*, as
+//! with `KillProcess`, but with the syscall number in the VMM's log (Firecracker's approach;
+//! `KillProcess` would leave it only in the kernel's audit log, when that is enabled). The
+//! default SIGSYS action dumps core: a core dump would include guest memory, so the VMM should
+//! mark guest memory `MADV_DONTDUMP` or the shim should set `RLIMIT_CORE` to 0.
+//!
+//! # Finding missing syscalls: `HUSK_SECCOMP=log`
+//!
+//! With `HUSK_SECCOMP=log` in the VMM's environment a forbidden call is allowed and logged by
+//! the kernel instead (`SeccompAction::Log`): run the workload, then
+//! `dmesg | grep 'type=1326'` (or `journalctl -k`) lists each call as `syscall=N` with the
+//! thread's name in `comm=` (`ausyscall N` or `/usr/include/asm/unistd_64.h` names it). Add
+//! it to the right group below with a comment saying what needs it. Unset (or `enforce`) means
+//! enforce; any other value is an error, so a typo cannot silently weaken or strengthen it.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Once;
+
+use seccompiler::{
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+use tracing::{info, warn};
+
+/// Environment variable that selects [`Mode`].
+pub const MODE_ENV: &str = "HUSK_SECCOMP";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("{MODE_ENV}={0:?} is not understood: use \"log\" to log forbidden syscalls instead of stopping the VMM, or leave it unset")]
+    BadMode(String),
+    #[error("cannot build the {kind} seccomp filter: {source}")]
+    Build {
+        kind: ThreadKind,
+        source: BackendError,
+    },
+    #[error("{name} is listed twice in the {kind} seccomp allow-list; merge the two entries")]
+    Duplicate {
+        kind: ThreadKind,
+        name: &'static str,
+    },
+    #[error("cannot install the SIGSYS handler that reports forbidden syscalls: {0}")]
+    SignalHandler(std::io::Error),
+    #[error("cannot install the {kind} seccomp filter: {source}")]
+    Install {
+        kind: ThreadKind,
+        source: seccompiler::Error,
+    },
+}
+
+/// What a thread does, and so which filter it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The main thread: event loop, devices' I/O, the API socket.
+    Vmm,
+    /// A vCPU thread: `KVM_RUN` and the exits it handles (serial, MMIO, device activation).
+    Vcpu,
+}
+
+impl fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl ThreadKind {
+    fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Vcpu => "vcpu",
+        }
+    }
+}
+
+/// What a forbidden syscall does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// SIGSYS, reported on stderr, and the process dies (the default).
+    Enforce,
+    /// Allowed, and logged by the kernel (`HUSK_SECCOMP=log`): for finding missing syscalls.
+    Log,
+}
+
+impl Mode {
+    /// The mode `HUSK_SECCOMP` asks for.
+    pub fn from_env() -> Result<Mode, SeccompError> {
+        match std::env::var_os(MODE_ENV) {
+            None => Ok(Mode::Enforce),
+            Some(v) => match v.to_str() {
+                Some("" | "enforce") => Ok(Mode::Enforce),
+                Some("log") => Ok(Mode::Log),
+                _ => Err(SeccompError::BadMode(v.to_string_lossy().into_owned())),
+            },
+        }
+    }
+
+    fn mismatch_action(self) -> SeccompAction {
+        match self {
+            Mode::Enforce => SeccompAction::Trap,
+            Mode::Log => SeccompAction::Log,
+        }
+    }
+}
+
+/// Installs `kind`'s filter on the calling thread, in the mode `HUSK_SECCOMP` selects.
+pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    let mode = Mode::from_env()?;
+    let program = filter_with_mode(kind, mode)?;
+    install_sigsys_handler()?;
+    let _ = THREAD_KIND.try_with(|k| k.set(Some(kind)));
+    match mode {
+        Mode::Enforce => info!("seccomp: {kind} filter installed on this thread"),
+        Mode::Log => warn!(
+            "seccomp: {kind} filter installed in log mode ({MODE_ENV}=log): forbidden syscalls are only logged by the kernel"
+        ),
+    }
+    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind, source })
+}
+
+/// `kind`'s filter as BPF, in the mode `HUSK_SECCOMP` selects.
+pub fn filter_for(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    filter_with_mode(kind, Mode::from_env()?)
+}
+
+/// `kind`'s filter as BPF, in `mode`.
+pub fn filter_with_mode(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, SeccompError> {
+    let build = |source| SeccompError::Build { kind, source };
+    let mut rules = BTreeMap::new();
+    for allowed in allow_list(kind).map_err(build)? {
+        if rules.insert(allowed.nr, allowed.rules).is_some() {
+            return Err(SeccompError::Duplicate {
+                kind,
+                name: allowed.name,
+            });
+        }
+    }
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(build)?;
+    let filter = SeccompFilter::new(rules, mode.mismatch_action(), SeccompAction::Allow, arch)
+        .map_err(build)?;
+    BpfProgram::try_from(filter).map_err(build)
+}
+
+/// The names of the syscalls `kind` may make (some only with certain arguments).
+pub fn allowed_syscalls(kind: ThreadKind) -> Vec<&'static str> {
+    allow_list(kind)
+        .map(|list| list.into_iter().map(|a| a.name).collect())
+        .unwrap_or_default()
+}
+
+/// One allow-list entry: a syscall and, if not empty, the argument rules of which one must
+/// match (each rule is a conjunction of conditions).
+struct Allowed {
+    nr: i64,
+    name: &'static str,
+    rules: Vec<SeccompRule>,
+}
+
+/// `allow!(SYS_x)` allows any arguments; `allow!(SYS_x, rules)` only matching ones.
+macro_rules! allow {
+    ($sys:ident) => {
+        Allowed {
+            nr: libc::$sys,
+            name: &stringify!($sys)[4..],
+            rules: Vec::new(),
+        }
+    };
+    ($sys:ident, $rules:expr) => {
+        Allowed {
+            nr: libc::$sys,
+            name: &stringify!($sys)[4..],
+            rules: $rules,
+        }
+    };
+}
+
+type Rules = Result<Vec<SeccompRule>, BackendError>;
+
+/// Argument `arg` (32-bit) is one of `values`.
+fn arg_in(arg: u8, values: &[u64]) -> Rules {
+    values
+        .iter()
+        .map(|&v| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                arg,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                v,
+            )?])
+        })
+        .collect()
+}
+
+/// Argument `arg` (32-bit) has `value` in the bits of `mask`.
+fn arg_masked(arg: u8, mask: u64, value: u64) -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
+    )?])
+}
+
+/// An ioctl request as a filter value. `libc::Ioctl` is `c_ulong` with glibc but `c_int` with
+/// musl; the kernel (and the filter's 32-bit compare) only looks at the low 32 bits.
+#[allow(clippy::unnecessary_cast)]
+fn ioctl_req(req: libc::Ioctl) -> u64 {
+    req as u64
+}
+
+/// Every KVM ioctl: the request's type byte (bits 8-15) is KVMIO. Cheaper than listing each,
+/// and the only fds that answer KVM ioctls are /dev/kvm, the VM and its vCPUs.
+fn kvm_ioctls() -> Result<SeccompRule, BackendError> {
+    const KVMIO: u64 = 0xAE;
+    arg_masked(1, 0xff00, KVMIO << 8)
+}
+
+/// fcntl commands: F_GETFD everywhere (see its use below); on the main thread also
+/// O_NONBLOCK on taps and dup with close-on-exec (try_clone). Nothing else: no locks, no
+/// F_SETOWN, no leases.
+fn fcntl_cmds(kind: ThreadKind) -> Rules {
+    match kind {
+        ThreadKind::Vmm => arg_in(
+            1,
+            &[
+                libc::F_GETFD as u64,
+                libc::F_SETFD as u64,
+                libc::F_GETFL as u64,
+                libc::F_SETFL as u64,
+                libc::F_DUPFD_CLOEXEC as u64,
+            ],
+        ),
+        ThreadKind::Vcpu => arg_in(1, &[libc::F_GETFD as u64]),
+    }
+}
+
+/// The allow-lists. Groups say who needs them; keep them that way when adding a call.
+fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
+    let pid = std::process::id() as u64;
+    let no_exec = || arg_masked(2, libc::PROT_EXEC as u64, 0).map(|r| vec![r]);
+
+    // Every thread.
+    let mut list = vec![
+        // Memory: the allocator (glibc malloc grows, trims and madvises its heaps; arenas of
+        // other threads grow with mprotect), thread stacks. Never executable: nothing maps
+        // code once the VM runs, so a compromised VMM cannot map shellcode either.
+        allow!(SYS_brk),
+        allow!(SYS_mmap, no_exec()?),
+        allow!(SYS_mprotect, no_exec()?),
+        allow!(SYS_munmap),
+        allow!(SYS_mremap),
+        allow!(SYS_madvise),
+        // Locks, condvars, channels, thread join; sleeping and time (clock_gettime is usually
+        // the vDSO, but falls back to the syscall on some clock sources).
+        allow!(SYS_futex),
+        allow!(SYS_sched_yield),
+        allow!(SYS_clock_gettime),
+        allow!(SYS_clock_nanosleep),
+        allow!(SYS_nanosleep),
+        // Signals: returning from the vCPU kick handler, a syscall restarted after it, the
+        // masking glibc does around pthread_kill and abort, and Rust's per-thread alternate
+        // signal stack (torn down when a thread exits).
+        allow!(SYS_rt_sigreturn),
+        allow!(SYS_restart_syscall),
+        allow!(SYS_rt_sigprocmask),
+        allow!(SYS_sigaltstack),
+        // Signalling our own threads only: the vCPU kick (pthread_kill), abort(), and the
+        // SIGSYS handler's re-raise. getpid/gettid are what glibc asks before tgkill.
+        allow!(SYS_tgkill, arg_in(0, &[pid])?),
+        allow!(SYS_getpid),
+        allow!(SYS_gettid),
+        // Ending a thread or the process.
+        allow!(SYS_exit),
+        allow!(SYS_exit_group),
+        // Plain fd I/O: eventfds (irqfds, queue and exit events), the serial output, logs on
+        // stderr, taps and disks (readv/writev), and closing what we are done with.
+        allow!(SYS_read),
+        allow!(SYS_write),
+        allow!(SYS_readv),
+        allow!(SYS_writev),
+        allow!(SYS_close),
+        // Debug builds of std check that an fd is open (fcntl F_GETFD) before closing it.
+        allow!(SYS_fcntl, fcntl_cmds(kind)?),
+        // New eventfds when a device is activated (activation runs on a vCPU thread).
+        allow!(SYS_eventfd2),
+        // A HashMap's random keys on a thread that never made one; no fd, no side effects.
+        allow!(SYS_getrandom),
+    ];
+
+    match kind {
+        ThreadKind::Vmm => list.extend([
+            // The event loop (epoll_pwait is what some libcs call epoll_wait).
+            allow!(SYS_epoll_ctl),
+            #[cfg(target_arch = "x86_64")]
+            allow!(SYS_epoll_wait),
+            allow!(SYS_epoll_pwait),
+            // Disk I/O: virtio-blk seeks then reads/writes, flushes with fdatasync.
+            allow!(SYS_lseek),
+            allow!(SYS_pread64),
+            allow!(SYS_pwrite64),
+            allow!(SYS_preadv),
+            allow!(SYS_pwritev),
+            allow!(SYS_fsync),
+            allow!(SYS_fdatasync),
+            // Sockets: API clients and vsock host clients (accept4, recvmsg for SCM_RIGHTS),
+            // vhost-user to virtiofsd (sendmsg/recvmsg), std's socket reads and vsock's send
+            // (recvfrom/sendto), closing vsock streams (shutdown).
+            allow!(SYS_accept4),
+            allow!(SYS_recvmsg),
+            allow!(SYS_sendmsg),
+            allow!(SYS_recvfrom),
+            allow!(SYS_sendto),
+            allow!(SYS_shutdown),
+            // Guest-initiated vsock connections go to `<uds_path>_<port>`: a new Unix socket and
+            // a connect. Unix only: a compromised VMM cannot reach the network.
+            allow!(SYS_socket, arg_in(0, &[libc::AF_UNIX as u64])?),
+            allow!(SYS_connect),
+            // ioctl: KVM (irqfds, ioeventfds, IRQ lines, memory slots), tap set-up that
+            // happens again when a device is reset, and std's set_nonblocking (FIONBIO).
+            allow!(SYS_ioctl, {
+                let mut rules = arg_in(
+                    1,
+                    &[
+                        ioctl_req(libc::FIONBIO),
+                        ioctl_req(libc::TUNSETOFFLOAD),
+                        ioctl_req(libc::TUNSETVNETHDRSZ),
+                        ioctl_req(libc::TUNGETIFF),
+                    ],
+                )?;
+                rules.push(kvm_ioctls()?);
+                rules
+            }),
+            // Timers for the event loop (rate limiting, pause timeouts).
+            allow!(SYS_timerfd_create),
+            allow!(SYS_timerfd_settime),
+            allow!(SYS_timerfd_gettime),
+        ]),
+        ThreadKind::Vcpu => list.extend([
+            // KVM_RUN, registers, and the VM ioctls a device activation makes (irqfd,
+            // ioeventfd); nothing but KVM.
+            allow!(SYS_ioctl, vec![kvm_ioctls()?]),
+            // virtio-fs activation talks vhost-user to virtiofsd on the vCPU thread (the guest's
+            // DRIVER_OK write is an MMIO exit): requests with fds out, replies in.
+            allow!(SYS_sendmsg),
+            allow!(SYS_recvmsg),
+        ]),
+    }
+    Ok(list)
+}
+
+thread_local! {
+    /// The calling thread's filter, for the SIGSYS report. Const-initialised and without a
+    /// destructor, so reading it from a signal handler allocates and locks nothing.
+    static THREAD_KIND: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+/// Installs [`sigsys_handler`] once per process (signal dispositions are per process). Runs
+/// before the calling thread's filter is applied, and later threads skip it, so the filters
+/// need not allow `rt_sigaction`.
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; we then fill the fields we use. The handler is
+        // an `extern "C"` fn with the SA_SIGINFO signature and only async-signal-safe calls.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = sigsys_handler as *const () as libc::sighandler_t;
+            // RESETHAND: the handler runs once, then SIGSYS has its default action again (the
+            // re-raise kills); NODEFER: the re-raise is delivered at once, inside the handler.
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_NODEFER;
+            libc::sigemptyset(&mut act.sa_mask);
+            if libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) != 0 {
+                result = Err(SeccompError::SignalHandler(std::io::Error::last_os_error()));
+            }
+        }
+    });
+    result
+}
+
+/// `si_code` of a SIGSYS raised by seccomp.
+const SYS_SECCOMP: libc::c_int = 1;
+
+/// Reports the forbidden syscall on stderr, then dies by SIGSYS. Only async-signal-safe work:
+/// formatting into a stack buffer, write(2), tgkill(2) (all allowed by every filter).
+extern "C" fn sigsys_handler(
+    signum: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
+    let mut msg = StackMsg::new();
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler. For SIGSYS with
+    // si_code SYS_SECCOMP, the union after the three leading ints (at offset 16 on 64-bit
+    // targets) holds `void *si_call_addr; int si_syscall; ...`, so si_syscall is at 24.
+    let syscall = unsafe {
+        (signum == libc::SIGSYS && !info.is_null() && (*info).si_code == SYS_SECCOMP)
+            .then(|| info.cast::<u8>().add(24).cast::<libc::c_int>().read())
+    };
+    match syscall {
+        Some(nr) => {
+            msg.push(b"husk-vmm: seccomp: forbidden syscall ");
+            msg.push_int(i64::from(nr));
+            msg.push(b" (");
+            msg.push(std::env::consts::ARCH.as_bytes());
+            msg.push(b") on a ");
+            let kind = THREAD_KIND.try_with(|k| k.get()).ok().flatten();
+            msg.push(kind.map_or("unfiltered", ThreadKind::name).as_bytes());
+            msg.push(b" thread; stopping the VMM. Run with HUSK_SECCOMP=log to list every missing syscall, then allow it in vmm/src/seccomp.rs\n");
+        }
+        None => msg.push(b"husk-vmm: SIGSYS received; stopping\n"),
+    }
+    // SAFETY: write(2) from a live buffer, then tgkill(2) on ourselves; both async-signal-safe.
+    // SA_RESETHAND restored the default action, so this SIGSYS terminates the process (with a
+    // core dump, where enabled) and the parent sees "killed by SIGSYS".
+    unsafe {
+        libc::write(2, msg.buf.as_ptr().cast(), msg.len);
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::syscall(libc::SYS_getpid),
+            libc::syscall(libc::SYS_gettid),
+            libc::SIGSYS,
+        );
+    }
+}
+
+/// A fixed buffer to format into without allocating (allocation is not signal-safe).
+struct StackMsg {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl StackMsg {
+    fn new() -> StackMsg {
+        StackMsg {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn push_int(&mut self, v: i64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = v.unsigned_abs();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if v < 0 {
+            self.push(b"-");
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Output};
+
+    use super::*;
+
+    /// Set in the environment of a re-executed test binary: the child tests below only act
+    /// when it is present, so a plain `cargo test` (even with `--include-ignored`) never
+    /// installs a filter on the test harness itself.
+    const CHILD_ENV: &str = "HUSK_SECCOMP_TEST_CHILD";
+
+    /// Runs the ignored test `name` (in this module) alone in a fresh copy of this test binary.
+    fn run_child(name: &str, extra_env: &[(&str, &str)]) -> Output {
+        let full = format!("seccomp::tests::{name}");
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            &full,
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, "1")
+        .env_remove(MODE_ENV);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        eprintln!(
+            "child {name}: {:?}\n--- stdout\n{}--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Whether this is a re-executed child; if so, it will not dump core when killed.
+    fn is_child() -> bool {
+        if std::env::var_os(CHILD_ENV).is_none() {
+            return false;
+        }
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscall with a valid struct. Lowering a limit needs no privilege.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) }, 0);
+        true
+    }
+
+    /// The child ran our test and it passed (not merely "0 tests run").
+    fn assert_child_passed(out: &Output, name: &str) {
+        assert!(out.status.success(), "child failed: {:?}", out.status);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("seccomp::tests::{name} ... ok")),
+            "{stdout}"
+        );
+    }
+
+    fn assert_killed_by_sigsys(out: &Output, syscall: i64) {
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGSYS),
+            "status {:?}",
+            out.status
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let expected = format!("husk-vmm: seccomp: forbidden syscall {syscall} (");
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two fds pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both are fresh fds that nothing else owns.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    /// socket(2) raw, so that nothing else (std's socket code) runs under the filter.
+    fn raw_socket(domain: libc::c_int) -> libc::c_int {
+        // SAFETY: plain syscall; the fd (if any) is closed by the caller.
+        unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) }
+    }
+
+    /// Like a vCPU thread: a new thread installs the filter first, then works, then exits.
+    fn on_filtered_thread(kind: ThreadKind, work: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            install(kind).unwrap();
+            work();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    #[ignore = "runs in a child process, from forbidden_syscall_kills_the_process"]
+    fn child_vcpu_forbidden_socket() {
+        if !is_child() {
+            return;
+        }
+        on_filtered_thread(ThreadKind::Vcpu, || {
+            let fd = raw_socket(libc::AF_INET);
+            // Not reached: the filter kills the process first.
+            eprintln!("socket returned {fd}: the filter let it through");
+        });
+    }
+
+    #[test]
+    fn forbidden_syscall_kills_the_process() {
+        let out = run_child("child_vcpu_forbidden_socket", &[]);
+        assert_killed_by_sigsys(&out, libc::SYS_socket);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("on a vcpu thread"));
+    }
+
+    #[test]
+    #[ignore = "runs in a child process, from vmm_thread_may_open_unix_sockets_only"]
+    fn child_vmm_socket_domains() {
+        if !is_child() {
+            return;
+        }
+        on_filtered_thread(ThreadKind::Vmm, || {
+            let fd = raw_socket(libc::AF_UNIX);
+            assert!(fd >= 0, "AF_UNIX socket refused");
+            // SAFETY: `fd` is ours.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            eprintln!("AF_UNIX socket allowed");
+            raw_socket(libc::AF_INET);
+            eprintln!("AF_INET socket allowed: the filter let it through");
+        });
+    }
+
+    #[test]
+    fn vmm_thread_may_open_unix_sockets_only() {
+        let out = run_child("child_vmm_socket_domains", &[]);
+        assert_killed_by_sigsys(&out, libc::SYS_socket);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("AF_UNIX socket allowed"), "{stderr}");
+        assert!(stderr.contains("on a vmm thread"), "{stderr}");
+    }
+
+    #[test]
+    #[ignore = "runs in a child process, from vcpu_thread_may_not_exec"]
+    fn child_vcpu_execve() {
+        if !is_child() {
+            return;
+        }
+        let path = c"/bin/true";
+        on_filtered_thread(ThreadKind::Vcpu, move || {
+            let argv = [path.as_ptr(), std::ptr::null()];
+            // SAFETY: NUL-terminated path and argv; on success this process would be replaced.
+            unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+        });
+    }
+
+    #[test]
+    fn vcpu_thread_may_not_exec() {
+        let out = run_child("child_vcpu_execve", &[]);
+        assert_killed_by_sigsys(&out, libc::SYS_execve);
+    }
+
+    #[test]
+    #[ignore = "runs in a child process, from allowed_syscalls_work_after_install"]
+    fn child_allowed_syscalls() {
+        if !is_child() {
+            return;
+        }
+        for kind in [ThreadKind::Vcpu, ThreadKind::Vmm] {
+            let (read_end, write_end) = pipe();
+            on_filtered_thread(kind, move || {
+                let msg = b"still alive";
+                // SAFETY: writes from / reads into live buffers of the given lengths.
+                let n =
+                    unsafe { libc::write(write_end.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+                assert_eq!(n, msg.len() as isize);
+                let mut buf = [0u8; 32];
+                // SAFETY: as above.
+                let n =
+                    unsafe { libc::read(read_end.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                assert_eq!(&buf[..n as usize], msg);
+                // Allocation, a lock and a clock read, as any Rust code does.
+                let v: Vec<u64> = (0..100_000).collect();
+                let m = std::sync::Mutex::new(v.len());
+                assert_eq!(*m.lock().unwrap(), 100_000);
+                let _ = std::time::Instant::now();
+                // Dropping the pipe closes it (close is allowed); then the thread exits.
+            });
+        }
+    }
+
+    #[test]
+    fn allowed_syscalls_work_after_install() {
+        let out = run_child("child_allowed_syscalls", &[]);
+        assert_child_passed(&out, "child_allowed_syscalls");
+    }
+
+    #[test]
+    #[ignore = "runs in a child process, from log_mode_only_logs"]
+    fn child_log_mode() {
+        if !is_child() {
+            return;
+        }
+        on_filtered_thread(ThreadKind::Vcpu, || {
+            let fd = raw_socket(libc::AF_INET);
+            assert!(fd >= 0, "socket failed in log mode");
+            // SAFETY: `fd` is ours.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        });
+    }
+
+    #[test]
+    fn log_mode_only_logs() {
+        let out = run_child("child_log_mode", &[(MODE_ENV, "log")]);
+        assert_child_passed(&out, "child_log_mode");
+    }
+
+    #[test]
+    #[ignore = "runs in a child process, from bad_mode_is_an_error"]
+    fn child_bad_mode() {
+        if !is_child() {
+            return;
+        }
+        let err = install(ThreadKind::Vcpu).unwrap_err();
+        assert!(
+            matches!(err, SeccompError::BadMode(ref v) if v == "lgo"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_mode_is_an_error() {
+        // Through a child: changing this process's environment would race other tests.
+        let out = run_child("child_bad_mode", &[(MODE_ENV, "lgo")]);
+        assert_child_passed(&out, "child_bad_mode");
+    }
+
+    #[test]
+    fn filters_build_in_both_modes() {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+            for mode in [Mode::Enforce, Mode::Log] {
+                let bpf = filter_with_mode(kind, mode).unwrap();
+                assert!(
+                    !bpf.is_empty() && bpf.len() < 4096,
+                    "{kind} {mode:?}: {}",
+                    bpf.len()
+                );
+            }
+        }
+        assert_ne!(
+            filter_with_mode(ThreadKind::Vcpu, Mode::Enforce).unwrap(),
+            filter_with_mode(ThreadKind::Vcpu, Mode::Log).unwrap()
+        );
+    }
+
+    #[test]
+    fn lists_are_what_they_say() {
+        let vmm = allowed_syscalls(ThreadKind::Vmm);
+        let vcpu = allowed_syscalls(ThreadKind::Vcpu);
+        for name in [
+            "epoll_pwait",
+            "accept4",
+            "recvmsg",
+            "ioctl",
+            "socket",
+            "fdatasync",
+            "tgkill",
+        ] {
+            assert!(vmm.contains(&name), "vmm lacks {name}");
+        }
+        for name in [
+            "ioctl",
+            "write",
+            "futex",
+            "sendmsg",
+            "recvmsg",
+            "exit",
+            "rt_sigreturn",
+        ] {
+            assert!(vcpu.contains(&name), "vcpu lacks {name}");
+        }
+        // The calls an escaped guest would want most.
+        for name in [
+            "execve",
+            "execveat",
+            "open",
+            "openat",
+            "clone",
+            "clone3",
+            "fork",
+            "ptrace",
+            "mount",
+            "setuid",
+            "kill",
+            "prctl",
+            "seccomp",
+            "rt_sigaction",
+            "bind",
+            "listen",
+        ] {
+            assert!(
+                !vmm.contains(&name) && !vcpu.contains(&name),
+                "{name} allowed"
+            );
+        }
+        for name in ["socket", "connect", "accept4", "epoll_ctl", "pwrite64"] {
+            assert!(!vcpu.contains(&name), "vcpu allows {name}");
+        }
+    }
+
+    #[test]
+    fn stack_message_formats_numbers() {
+        let mut m = StackMsg::new();
+        m.push_int(41);
+        m.push(b" ");
+        m.push_int(0);
+        m.push(b" ");
+        m.push_int(-7);
+        assert_eq!(&m.buf[..m.len], b"41 0 -7");
+        m.push(&[b'x'; 400]);
+        assert_eq!(m.len, 256, "overflow is truncated, not a panic");
+    }
+}
