@@ -264,6 +264,7 @@ impl Agent {
             root: self.cfg.containers_dir(),
             bundle: bundle.clone(),
             console_socket: console.map(Path::to_path_buf),
+            no_pivot: self.cfg.no_pivot,
         };
         let started = self
             .spawn_via_helper(terminal, req.stdin, &format!("console-{cid}"), req_fn)
@@ -397,6 +398,11 @@ impl Agent {
             )));
         }
         let proc_spec = spec::parse_process(&req.oci_process_json)?;
+        if let Ok(cspec) = oci_spec::runtime::Spec::load(c.bundle.join("config.json")) {
+            if let Some(root) = cspec.root().as_ref() {
+                spec::check_process_executable(&proc_spec, &cspec, root.path())?;
+            }
+        }
         let terminal = proc_spec.terminal().unwrap_or(false);
         let pjson = c.bundle.join(format!("exec-{}.json", req.exec_id));
         let data = serde_json::to_vec(&proc_spec)

@@ -23,6 +23,9 @@ pub struct Config {
     pub share_root: PathBuf,
     /// The agent binary, run again as the runtime helper.
     pub exe: PathBuf,
+    /// Set containers up without pivot_root (MS_MOVE + chroot): needed when `/` is the
+    /// initramfs, where pivot_root fails.
+    pub no_pivot: bool,
 }
 
 impl Config {
@@ -33,6 +36,7 @@ impl Config {
             state_dir: PathBuf::from("/run/husk-agent"),
             share_root: PathBuf::from("/run/husk/shares"),
             exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+            no_pivot: false,
         }
     }
 

@@ -28,6 +28,8 @@ pub enum HelperRequest {
         root: PathBuf,
         bundle: PathBuf,
         console_socket: Option<PathBuf>,
+        /// MS_MOVE + chroot instead of pivot_root (a root on the initramfs).
+        no_pivot: bool,
     },
     /// Start a process in a running container; answers its pid.
     Exec {
@@ -94,7 +96,8 @@ fn run(req: HelperRequest) -> HelperResult {
             root,
             bundle,
             console_socket,
-        } => create(id, &root, &bundle, console_socket),
+            no_pivot,
+        } => create(id, &root, &bundle, console_socket, no_pivot),
         HelperRequest::Exec {
             container_id,
             root,
@@ -126,6 +129,7 @@ fn create(
     root: &Path,
     bundle: &Path,
     console_socket: Option<PathBuf>,
+    no_pivot: bool,
 ) -> Result<Option<i32>, String> {
     let container = ContainerBuilder::new(id, SyscallType::default())
         .with_root_path(root)
@@ -134,6 +138,7 @@ fn create(
         .as_init(bundle)
         .with_systemd(false)
         .with_detach(true)
+        .with_no_pivot(no_pivot)
         .build()
         .map_err(|e| chain(&e))?;
     Ok(container.pid().map(|p| p.as_raw()))

@@ -187,3 +187,42 @@ pub fn write_boot_marker() -> std::io::Result<()> {
 pub fn write_boot_marker() -> std::io::Result<()> {
     Ok(())
 }
+
+/// Whether `/` is the initramfs ("rootfs"), from which pivot_root(2) is impossible (EINVAL):
+/// containers must then be set up with MS_MOVE + chroot instead (runc's --no-pivot).
+pub fn root_is_initramfs() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| mountinfo_root_is_rootfs(&m))
+        .unwrap_or(false)
+}
+
+/// Parses mountinfo: the last mount on "/" is the visible root; is it the rootfs?
+fn mountinfo_root_is_rootfs(mountinfo: &str) -> bool {
+    let root = mountinfo
+        .lines()
+        .rev()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"));
+    let Some(line) = root else { return false };
+    let Some((_, after)) = line.split_once(" - ") else {
+        return false;
+    };
+    let mut f = after.split_whitespace();
+    let (fstype, source) = (f.next(), f.next());
+    fstype == Some("rootfs") || source == Some("rootfs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mountinfo_root_is_rootfs;
+
+    #[test]
+    fn detects_initramfs_root() {
+        let initramfs = "1 1 0:2 / / rw - rootfs rootfs rw,size=60428k\n\
+                         18 1 0:17 / /proc rw,nosuid - proc proc rw\n";
+        assert!(mountinfo_root_is_rootfs(initramfs));
+        let disk = "1 1 0:2 / / rw - rootfs rootfs rw\n\
+                    25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n";
+        assert!(!mountinfo_root_is_rootfs(disk));
+        assert!(!mountinfo_root_is_rootfs(""));
+    }
+}

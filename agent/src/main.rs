@@ -26,6 +26,10 @@ struct Args {
     /// guest-mode runs outside a VM, where the port is not ours.
     #[arg(long)]
     no_boot_marker: bool,
+    /// Set containers up with MS_MOVE + chroot instead of pivot_root. Automatic when `/` is
+    /// the initramfs (where pivot_root is impossible).
+    #[arg(long)]
+    no_pivot: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         (None, Mode::Host) => anyhow::bail!("host mode needs --listen unix:///path"),
     };
     let no_boot_marker = args.no_boot_marker;
+    let force_no_pivot = args.no_pivot;
     let mut cfg = Config::new(mode);
     if let Some(d) = args.state_dir {
         cfg.state_dir = d;
@@ -73,6 +78,10 @@ fn main() -> anyhow::Result<()> {
     }
     if mode == Mode::Host {
         init::become_subreaper().context("PR_SET_CHILD_SUBREAPER")?;
+    }
+    cfg.no_pivot = force_no_pivot || init::root_is_initramfs();
+    if cfg.no_pivot {
+        tracing::info!("root is the initramfs: containers use MS_MOVE + chroot, not pivot_root");
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -84,6 +93,17 @@ fn main() -> anyhow::Result<()> {
         let agent = Agent::new(cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let server = Server::start(agent.clone(), &listen).await?;
         tracing::info!(?mode, state = %cfg.state_dir.display(), "husk-agent ready");
+        if mode == Mode::Guest {
+            // Containers share the guest's network namespace; its loopback starts down.
+            match agent.net().await {
+                Ok(net) => {
+                    if let Err(e) = net.link_up("lo").await {
+                        tracing::warn!("bring lo up: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("netlink: {e}"),
+            }
+        }
         if mode == Mode::Guest && !no_boot_marker {
             if let Err(e) = init::write_boot_marker() {
                 tracing::warn!("boot marker: {e}");

@@ -115,6 +115,17 @@ impl Net {
             })
     }
 
+    /// Brings the named interface up (the guest's `lo` at boot: nothing else would).
+    pub async fn link_up(&self, name: &str) -> Result<()> {
+        let index = self.index_by_name(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {name} up")))
+    }
+
     /// Configures the interface with the request's MAC address; returns what it became.
     pub async fn update_interface(&self, req: &pb::Interface) -> Result<pb::Interface> {
         let mac = parse_mac(&req.hw_addr)?;

@@ -225,9 +225,14 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// runtime would only report ENOENT from inside the container. Paths under a mount of the
 /// spec (other than the rootfs) are given the benefit of the doubt.
 fn check_executable(spec: &Spec, rootfs: &Path) -> Result<()> {
-    let Some(process) = spec.process() else {
-        return Ok(());
-    };
+    match spec.process() {
+        Some(p) => check_process_executable(p, spec, rootfs),
+        None => Ok(()),
+    }
+}
+
+/// Like [`check_executable`] for `process` run in the container of `spec` (for exec).
+pub fn check_process_executable(process: &Process, spec: &Spec, rootfs: &Path) -> Result<()> {
     let Some(arg0) = process.args().as_ref().and_then(|a| a.first()) else {
         return Ok(());
     };
@@ -315,26 +320,6 @@ fn exists_in_root(root: &Path, path: &Path) -> bool {
     true
 }
 
-#[cfg(test)]
-mod tests {
-    use super::exists_in_root;
-
-    #[test]
-    fn exists_in_root_resolves_symlinks_inside_the_root() {
-        let d = tempfile::tempdir().unwrap();
-        let r = d.path();
-        std::fs::create_dir_all(r.join("usr/bin")).unwrap();
-        std::fs::write(r.join("usr/bin/prog"), "").unwrap();
-        std::os::unix::fs::symlink("/usr/bin", r.join("bin")).unwrap(); // absolute: inside root
-        std::os::unix::fs::symlink("../../etc/passwd", r.join("usr/bin/esc")).unwrap();
-        assert!(exists_in_root(r, std::path::Path::new("/bin/prog")));
-        assert!(exists_in_root(r, std::path::Path::new("/usr/bin/prog")));
-        assert!(!exists_in_root(r, std::path::Path::new("/bin/nope")));
-        // ../../etc/passwd stays inside the root, where there is no etc/passwd.
-        assert!(!exists_in_root(r, std::path::Path::new("/usr/bin/esc")));
-    }
-}
-
 fn ns(typ: LinuxNamespaceType, path: Option<&Path>) -> Result<LinuxNamespace> {
     let mut b = LinuxNamespaceBuilder::default().typ(typ);
     if let Some(p) = path {
@@ -418,4 +403,24 @@ fn has_cap_sys_resource() -> bool {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exists_in_root;
+
+    #[test]
+    fn exists_in_root_resolves_symlinks_inside_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+        std::fs::write(r.join("usr/bin/prog"), "").unwrap();
+        std::os::unix::fs::symlink("/usr/bin", r.join("bin")).unwrap(); // absolute: inside root
+        std::os::unix::fs::symlink("../../etc/passwd", r.join("usr/bin/esc")).unwrap();
+        assert!(exists_in_root(r, std::path::Path::new("/bin/prog")));
+        assert!(exists_in_root(r, std::path::Path::new("/usr/bin/prog")));
+        assert!(!exists_in_root(r, std::path::Path::new("/bin/nope")));
+        // ../../etc/passwd stays inside the root, where there is no etc/passwd.
+        assert!(!exists_in_root(r, std::path::Path::new("/usr/bin/esc")));
+    }
 }

@@ -21,10 +21,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::test]
 #[ignore = "benchmark: run explicitly"]
 async fn container_start_latency_vs_runc() {
-    if !can_run() || Command::new("runc").arg("--version").output().is_err() {
-        eprintln!("skipping: needs root and runc");
-        return;
-    }
+    assert!(can_run());
+    assert!(
+        Command::new("runc").arg("--version").output().is_ok(),
+        "the benchmark compares against runc: run scripts/setup"
+    );
     let a = TestAgent::start("bench").await;
     a.create_sandbox("bench", false).await;
     let s = spec(&["echo", "x"]);

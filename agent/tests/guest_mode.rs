@@ -53,6 +53,10 @@ async fn guest_mode_runs_containers_in_the_agents_namespaces() {
         "the container has its own PID namespace"
     );
 
+    // The agent brought the guest's loopback up at start.
+    let lo = ip_in_pid(agent, &["link", "show", "lo"]);
+    assert!(lo.contains(",UP"), "{lo}");
+
     // Network RPCs act on the agent's own namespace.
     ip_in_pid(agent, &["tuntap", "add", "tap7", "mode", "tap"]);
     ip_in_pid(

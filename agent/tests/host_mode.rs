@@ -1,5 +1,5 @@
 //! Host-mode tests: the real agent binary on a Unix socket, driven by the real ttrpc clients,
-//! creating busybox containers with libcontainer. They need root and skip themselves otherwise.
+//! creating busybox containers with libcontainer. They need root and fail, with the reason, without it.
 
 mod common;
 
@@ -100,6 +100,10 @@ async fn exec_signal_and_many_waiters() {
         "from-exec\nsleep\x001000\x00"
     );
     assert_eq!(a.wait("c1", "e1").await.exit_status, 7);
+
+    // A program that is not in the image is refused up front.
+    let missing = a.exec("c1", "e2", process(&["/no/such/program"])).await;
+    assert_eq!(code(missing), ttrpc::Code::INVALID_ARGUMENT);
 
     // A duplicate exec id is refused.
     let dup = a.exec("c1", "e1", process(&["true"])).await;
@@ -747,5 +751,29 @@ async fn ttrpc_over_a_hybrid_vsock_style_stream() {
         .await
         .expect("Check over hybrid vsock");
     assert_eq!(r.status, pb::check_response::ServingStatus::SERVING.into());
+    a.shutdown().await;
+}
+
+/// The set-up used when `/` is the initramfs (no pivot_root) still confines the container to
+/// its rootfs.
+#[tokio::test]
+async fn no_pivot_mode_runs_containers() {
+    if !can_run() {
+        return;
+    }
+    let a = TestAgent::start_with_flags("nopivot", &["--no-pivot"]).await;
+    a.create_sandbox("pod-host", false).await;
+    a.run(
+        "c1",
+        &spec(&["sh", "-c", "ls /; cat /etc/passwd | head -1"]),
+    )
+    .await;
+    let out = a.read_all("c1", "", false).await;
+    assert_eq!(a.wait("c1", "").await.exit_status, 0, "{out}");
+    assert!(
+        out.contains("bin\n") && !out.contains("usr\n"),
+        "not the busybox rootfs: {out}"
+    );
+    assert!(out.ends_with("root:x:0:0:root:/root:/bin/sh\n"), "{out}");
     a.shutdown().await;
 }

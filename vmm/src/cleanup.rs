@@ -3,7 +3,8 @@
 //! A forked helper blocks on a pipe whose write end only the VMM holds. When the VMM
 //! dies, however it dies, the read returns EOF and the helper unlinks the files (those
 //! that are still the very files the VMM created, by inode) and exits. Between fork and
-//! exit the helper only calls async-signal-safe functions.
+//! exit the helper only calls async-signal-safe functions, and it closes every other fd it
+//! inherited (sockets, the console), so it keeps nothing of the VMM's alive.
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -58,7 +59,13 @@ pub fn spawn(paths: &[PathBuf]) -> Result<CleanupGuard, CleanupError> {
         0 => {
             // SAFETY: see above; this branch never returns.
             unsafe {
-                libc::close(write_end.as_raw_fd());
+                // Keep nothing but the pipe: an inherited listener or stream would keep
+                // the VMM's sockets answering after it died.
+                let keep = read_end.as_raw_fd() as libc::c_uint;
+                if keep > 0 {
+                    libc::syscall(libc::SYS_close_range, 0, keep - 1, 0);
+                }
+                libc::syscall(libc::SYS_close_range, keep + 1, libc::c_uint::MAX, 0);
                 let mut b = 0u8;
                 while libc::read(read_end.as_raw_fd(), (&mut b as *mut u8).cast(), 1) != 0 {
                     if *libc::__errno_location() != libc::EINTR {

@@ -204,6 +204,7 @@ fn main() -> ExitCode {
     let start = Instant::now();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

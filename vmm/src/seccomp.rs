@@ -240,9 +240,10 @@ fn kvm_ioctls() -> Result<SeccompRule, BackendError> {
     arg_masked(1, 0xff00, KVMIO << 8)
 }
 
-/// fcntl commands: F_GETFD everywhere (see its use below); on the main thread also
-/// O_NONBLOCK on taps and dup with close-on-exec (try_clone). Nothing else: no locks, no
-/// F_SETOWN, no leases.
+/// fcntl commands: F_GETFD everywhere (see its use below); dup with close-on-exec
+/// everywhere, because a device is activated on the vCPU thread that wrote DRIVER_OK and
+/// the transport hands it clones of the queue eventfds; on the main thread also O_NONBLOCK
+/// on taps. Nothing else: no locks, no F_SETOWN, no leases.
 fn fcntl_cmds(kind: ThreadKind) -> Rules {
     match kind {
         ThreadKind::Vmm => arg_in(
@@ -255,7 +256,7 @@ fn fcntl_cmds(kind: ThreadKind) -> Rules {
                 libc::F_DUPFD_CLOEXEC as u64,
             ],
         ),
-        ThreadKind::Vcpu => arg_in(1, &[libc::F_GETFD as u64]),
+        ThreadKind::Vcpu => arg_in(1, &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64]),
     }
 }
 
@@ -331,6 +332,10 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
             // vhost-user to virtiofsd (sendmsg/recvmsg), std's socket reads and vsock's send
             // (recvfrom/sendto), closing vsock streams (shutdown).
             allow!(SYS_accept4),
+            // Reaping the socket-cleanup helper at exit (crate::cleanup), and removing
+            // the vsock and API socket files when the VM ends.
+            allow!(SYS_wait4),
+            allow!(SYS_unlink),
             allow!(SYS_recvmsg),
             allow!(SYS_sendmsg),
             allow!(SYS_recvfrom),
@@ -364,6 +369,12 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
             // KVM_RUN, registers, and the VM ioctls a device activation makes (irqfd,
             // ioeventfd); nothing but KVM.
             allow!(SYS_ioctl, vec![kvm_ioctls()?]),
+            // A driver reset (Status = 0, e.g. at guest reboot) resets the device on the
+            // vCPU thread that wrote it: vsock drops its streams from its epoll set and
+            // shuts them down.
+            allow!(SYS_epoll_ctl),
+            allow!(SYS_shutdown),
+            allow!(SYS_timerfd_settime),
             // virtio-fs activation talks vhost-user to virtiofsd on the vCPU thread (the guest's
             // DRIVER_OK write is an MMIO exit): requests with fds out, replies in.
             allow!(SYS_sendmsg),
@@ -795,7 +806,8 @@ mod tests {
                 "{name} allowed"
             );
         }
-        for name in ["socket", "connect", "accept4", "epoll_ctl", "pwrite64"] {
+        // (epoll_ctl is allowed: a driver reset resets the device on the vCPU thread.)
+        for name in ["socket", "connect", "accept4", "pwrite64"] {
             assert!(!vcpu.contains(&name), "vcpu allows {name}");
         }
     }
