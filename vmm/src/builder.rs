@@ -32,8 +32,7 @@ use crate::vstate::VmExit;
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd";
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum SerialOutput {
     #[default]
     Stdout,
@@ -41,10 +40,9 @@ pub enum SerialOutput {
     File(PathBuf),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
     pub path: PathBuf,
-    #[serde(default)]
     pub read_only: bool,
 }
 
@@ -60,13 +58,13 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsConfig {
     pub socket: PathBuf,
     pub tag: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockConfig {
     pub guest_cid: u64,
     pub uds_path: PathBuf,

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use event_manager::{EventManager, SubscriberOps};
-use vmm::api::ApiServer;
+use vmm::api::{ApiServer, MacAddr};
 use vmm::builder::{
     BlockConfig, FsConfig, NetConfig, SerialOutput, Subscriber, TapSource, VmConfig, VsockConfig,
 };
@@ -72,17 +72,6 @@ struct Args {
     no_seccomp: bool,
 }
 
-fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
-    let parts: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad MAC address {s:?}"))?;
-    parts
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("bad MAC address {s:?}: need 6 bytes"))
-}
-
 fn config_from_args(a: Args, kernel: PathBuf) -> anyhow::Result<VmConfig> {
     let mut cfg = VmConfig {
         kernel,
@@ -117,7 +106,7 @@ fn config_from_args(a: Args, kernel: PathBuf) -> anyhow::Result<VmConfig> {
         let mut mac = None;
         for opt in it {
             match opt.strip_prefix("mac=") {
-                Some(m) => mac = Some(parse_mac(m)?),
+                Some(m) => mac = Some(MacAddr::parse(m).map_err(|e| anyhow::anyhow!(e))?.0),
                 None => bail!("unknown --net-tap option {opt:?}"),
             }
         }
