@@ -108,6 +108,41 @@ pub fn mount_pseudo_filesystems() -> Result<(), InitError> {
     Ok(())
 }
 
+/// Offers the images embedded in the initramfs as the share [`husk_proto::EMBEDDED_SHARE_TAG`]
+/// (a read-only bind mount under the share root), so containers can use them as their rootfs
+/// without any virtio-fs device. A guest image without embedded images is not an error.
+pub fn mount_embedded_images(share_root: &Path) -> Result<(), InitError> {
+    let src = Path::new(husk_proto::EMBEDDED_IMAGES_DIR);
+    if !src.is_dir() {
+        return Ok(());
+    }
+    let target = share_root.join(husk_proto::EMBEDDED_SHARE_TAG);
+    let _ = std::fs::create_dir_all(&target);
+    let err = |source| InitError::Mount {
+        fstype: "bind",
+        target: husk_proto::EMBEDDED_SHARE_TAG,
+        source,
+    };
+    mount(
+        Some(src),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err)?;
+    // Read-only: every container of every pod starts from the same pristine image (the
+    // container's own writes go to the tmpfs mounts its spec asks for).
+    mount(
+        None::<&str>,
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(err)
+}
+
 /// Delegates every available controller to child cgroups, so per-container limits work.
 pub fn enable_cgroup_controllers(root: &Path) {
     let Ok(avail) = std::fs::read_to_string(root.join("cgroup.controllers")) else {

@@ -79,6 +79,11 @@ fn main() -> anyhow::Result<()> {
     if mode == Mode::Host {
         init::become_subreaper().context("PR_SET_CHILD_SUBREAPER")?;
     }
+    if mode == Mode::Guest {
+        if let Err(e) = init::mount_embedded_images(&cfg.share_root) {
+            tracing::warn!("embedded images: {e}");
+        }
+    }
     cfg.no_pivot = force_no_pivot || init::root_is_initramfs();
     if cfg.no_pivot {
         tracing::info!("root is the initramfs: containers use MS_MOVE + chroot, not pivot_root");

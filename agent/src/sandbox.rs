@@ -53,6 +53,12 @@ pub async fn create(
 
     for share in &req.shares {
         ids::validate_id("share tag", &share.tag)?;
+        if share.tag == husk_proto::EMBEDDED_SHARE_TAG {
+            return Err(AgentError::InvalidArgument(format!(
+                "share tag {:?} is reserved for the images embedded in the guest",
+                share.tag
+            )));
+        }
         let target = cfg.share_root.join(&share.tag);
         match cfg.mode {
             Mode::Host => {

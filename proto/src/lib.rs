@@ -44,5 +44,16 @@ pub const AGENT_API_VERSION: &str = "husk.agent.v1";
 /// The AF_VSOCK port the agent serves ttrpc on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The share tag under which the guest agent offers the images embedded in its initramfs
+/// (`RootfsSource { share_tag: EMBEDDED_SHARE_TAG, path: "busybox" }`). Reserved: a
+/// virtio-fs share may not use it.
+pub const EMBEDDED_SHARE_TAG: &str = "husk-embedded";
+
+/// Where guest-image puts the embedded images inside the initramfs, one directory each.
+pub const EMBEDDED_IMAGES_DIR: &str = "/usr/share/husk/images";
+
+/// The embedded image `husk run` uses when no other is given: busybox.
+pub const DEFAULT_EMBEDDED_IMAGE: &str = "busybox";
+
 pub use protobuf;
 pub use ttrpc;

@@ -122,3 +122,124 @@ pub mod vmm_proc {
         wait(child, timeout)
     }
 }
+
+pub mod leaks {
+    //! What a test must leave as it found it: VMM and virtiofsd processes, mounts, network
+    //! interfaces and husk's per-VM run directories.
+    use std::collections::BTreeSet;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    /// The host state a microVM could leak.
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Snapshot {
+        processes: BTreeSet<String>,
+        mounts: BTreeSet<String>,
+        links: BTreeSet<String>,
+        vm_dirs: BTreeSet<String>,
+    }
+
+    fn vm_processes() -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim();
+            if comm == "husk-vmm" || comm.starts_with("virtiofsd") {
+                out.insert(format!("{comm}[{name}]"));
+            }
+        }
+        out
+    }
+
+    fn lines_of(path: &str, field: Option<usize>) -> BTreeSet<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| match field {
+                Some(i) => l.split_whitespace().nth(i).unwrap_or("").to_string(),
+                None => l.to_string(),
+            })
+            .collect()
+    }
+
+    fn dir_names(path: &std::path::Path) -> BTreeSet<String> {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    impl Snapshot {
+        pub fn take() -> Snapshot {
+            Snapshot {
+                processes: vm_processes(),
+                // Mount point and source: mount ids change with every remount.
+                mounts: lines_of("/proc/self/mounts", None),
+                links: dir_names(std::path::Path::new("/sys/class/net")),
+                vm_dirs: dir_names(&husk_shim::paths::run_root().join("vm")),
+            }
+        }
+
+        /// Panics with the difference unless the host is back to this state (processes get
+        /// a few seconds to exit).
+        pub fn assert_nothing_leaked(&self) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let now = Snapshot::take();
+                if now == *self {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let diff = |a: &BTreeSet<String>, b: &BTreeSet<String>| {
+                        b.difference(a).cloned().collect::<Vec<_>>()
+                    };
+                    panic!(
+                        "left behind: processes {:?}, mounts {:?}, links {:?}, VM dirs {:?}",
+                        diff(&self.processes, &now.processes),
+                        diff(&self.mounts, &now.mounts),
+                        diff(&self.links, &now.links),
+                        diff(&self.vm_dirs, &now.vm_dirs),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// A tap in this network namespace with an address, removed on drop.
+    pub struct Tap(String);
+
+    impl Tap {
+        pub fn new(name: &str, cidr: &str) -> Tap {
+            let ip = |args: &[&str]| {
+                let st = Command::new("ip").args(args).status().expect("run ip");
+                assert!(st.success(), "ip {args:?} failed");
+            };
+            let _ = Command::new("ip")
+                .args(["link", "del", name])
+                .stderr(std::process::Stdio::null())
+                .status();
+            ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+            let tap = Tap(name.to_string());
+            ip(&["addr", "add", cidr, "dev", name]);
+            ip(&["link", "set", name, "up"]);
+            tap
+        }
+
+        pub fn name(&self) -> &str {
+            &self.0
+        }
+    }
+
+    impl Drop for Tap {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+}

@@ -1,4 +1,6 @@
 //! Tests that need a usable /dev/kvm: run inside the lab (`scripts/test` does it), or
 //! directly on a host with hardware virtualization.
+mod agent;
+mod run;
 mod smoke;
 mod vmm;

@@ -33,9 +33,13 @@ pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 /// How long the guest gets to answer a host-initiated REQUEST.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a shutdown may take to complete (peer RST, or flushing to the host) before we
-/// reset the stream anyway.
+/// How long the guest may take to answer our SHUTDOWN with its RST before we reset the stream
+/// anyway.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// After the guest closed, how long the host peer may go without taking any of the bytes we
+/// still owe it before we give up on it. Measured from the last progress, not from the close:
+/// a slow but live reader (a loaded host, a nested lab) must get every byte.
+pub const FLUSH_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnState {
@@ -46,7 +50,8 @@ pub enum ConnState {
     Established,
     /// We told the guest the host side is gone in both directions and wait for its RST.
     LocalClosing,
-    /// The guest shut down both directions; we flush what we owe the host, then RST.
+    /// The guest shut down both directions; we flush what we owe the host, then RST. The
+    /// deadline moves with every byte the host takes.
     PeerClosing,
 }
 
@@ -351,7 +356,7 @@ impl Connection {
                 self.kill(true);
             } else {
                 self.state = ConnState::PeerClosing;
-                self.deadline = Some(Instant::now() + SHUTDOWN_TIMEOUT);
+                self.deadline = Some(Instant::now() + FLUSH_STALL_TIMEOUT);
             }
         } else {
             self.maybe_shut_host_write();
@@ -382,6 +387,9 @@ impl Connection {
                     self.tx_buf_ours -= ours;
                     self.fwd_cnt += Wrapping((n - ours) as u32);
                     self.tx_buf.drain(..n);
+                    if self.state == ConnState::PeerClosing {
+                        self.deadline = Some(Instant::now() + FLUSH_STALL_TIMEOUT);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {

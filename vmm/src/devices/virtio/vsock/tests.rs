@@ -1024,6 +1024,57 @@ fn guest_shutdown_flushes_then_resets() {
 }
 
 #[test]
+fn guest_close_waits_for_a_slow_host_reader() {
+    let mut h = Harness::new();
+    h.give_rx(8, 4096);
+    let (mut slow, port) = h.open_host_stream(1024, CONN_BUF_ALLOC);
+    // Fill the host socket and our buffer, as far as the guest's credit goes.
+    let chunk: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut sent: u32 = 0;
+    let mut peer_fwd: u32 = 0;
+    loop {
+        for p in h.take_rx() {
+            assert_ne!(p.hdr.op, OP_RST, "stream reset: {p:?}");
+            peer_fwd = p.hdr.fwd_cnt;
+        }
+        if ((CONN_BUF_ALLOC - (sent - peer_fwd)) as usize) < chunk.len() {
+            break;
+        }
+        h.send(ghdr(1024, port, OP_RW), &chunk);
+        sent += chunk.len() as u32;
+    }
+    let mut sd = ghdr(1024, port, OP_SHUTDOWN);
+    sd.flags = SHUTDOWN_F_BOTH;
+    h.send(sd, &[]);
+    // The host reader sleeps past the guest-RST timeout; its bytes must still be there.
+    let idle_until = Instant::now() + SHUTDOWN_TIMEOUT + Duration::from_millis(500);
+    while Instant::now() < idle_until {
+        h.pump_wait(100);
+    }
+    assert_eq!(
+        h.dev().muxer().conn_count(),
+        1,
+        "stream dropped with bytes owed"
+    );
+    slow.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut buf = [0u8; 65536];
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => h.pump_wait(20),
+            Err(e) => panic!("host read: {e}"),
+        }
+        assert!(Instant::now() < deadline, "got {} of {sent}", got.len());
+    }
+    assert_eq!(got.len(), sent as usize);
+    assert!(h.take_rx().iter().any(|p| p.hdr.op == OP_RST));
+    assert_eq!(h.dev().muxer().conn_count(), 0);
+}
+
+#[test]
 fn reset_closes_streams_and_reactivation_works() {
     let mut h = Harness::new();
     h.give_rx(8, 4096);

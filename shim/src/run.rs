@@ -1,0 +1,263 @@
+//! `husk run`: one command in a container in a fresh microVM, its output streamed back, its
+//! exit status returned, and the VM torn down.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use husk_proto::agent as pb;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::agent::{ctx, Agent};
+use crate::vm::{ShareSpec, Vm, VmSpec};
+use crate::{spec, Result, ShimError};
+
+/// The command `husk run` runs when given none.
+pub const DEFAULT_COMMAND: &[&str] = &["sh", "-c", "echo hello from a husk microVM; uname -a"];
+
+/// The share tag of a `--image DIR` root filesystem.
+const IMAGE_SHARE_TAG: &str = "rootfs";
+/// The container's id inside the VM.
+const CONTAINER_ID: &str = "main";
+/// Deadline of each agent call that does not wait on the container.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What to run, and in what.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Root filesystem directory on the host (shared over virtio-fs); `None` uses the
+    /// busybox image embedded in the guest.
+    pub image: Option<PathBuf>,
+    /// The command; empty runs [`DEFAULT_COMMAND`].
+    pub args: Vec<String>,
+    /// Extra `NAME=value` environment for the process.
+    pub env: Vec<String>,
+    /// Forward our stdin to the process (otherwise it reads EOF).
+    pub stdin: bool,
+    pub vm: VmSpec,
+    /// How long the guest gets from VMM start to its agent answering.
+    pub boot_timeout: Duration,
+}
+
+impl RunOptions {
+    /// Defaults: the embedded image, the default command, the default pod VM.
+    pub fn new() -> Result<RunOptions> {
+        Ok(RunOptions {
+            image: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: false,
+            vm: VmSpec::pod_default()?,
+            boot_timeout: Duration::from_secs(120),
+        })
+    }
+}
+
+/// Runs the command and returns its exit status (128 + signal when killed). Output goes to
+/// our stdout and stderr as it comes. The VM is gone when this returns, error or not.
+pub async fn run(mut opts: RunOptions) -> Result<i32> {
+    for e in &opts.env {
+        if !e.contains('=') || e.starts_with('=') {
+            return Err(ShimError::Invalid(format!(
+                "environment variable {e:?} must be NAME=value"
+            )));
+        }
+    }
+    let rootfs = match &opts.image {
+        Some(dir) => {
+            let dir = dir.canonicalize().map_err(|e| {
+                ShimError::Invalid(format!("image directory {}: {e}", dir.display()))
+            })?;
+            if !dir.join("bin").is_dir() && !dir.join("usr").is_dir() {
+                return Err(ShimError::Invalid(format!(
+                    "{} does not look like a root filesystem (no bin/ or usr/)",
+                    dir.display()
+                )));
+            }
+            opts.vm.shares.push(ShareSpec {
+                tag: IMAGE_SHARE_TAG.into(),
+                dir,
+                readonly: false,
+            });
+            (IMAGE_SHARE_TAG, ".")
+        }
+        None => (
+            husk_proto::EMBEDDED_SHARE_TAG,
+            husk_proto::DEFAULT_EMBEDDED_IMAGE,
+        ),
+    };
+    let args: Vec<String> = if opts.args.is_empty() {
+        DEFAULT_COMMAND.iter().map(|s| s.to_string()).collect()
+    } else {
+        opts.args.clone()
+    };
+
+    let id = format!("run-{}-{}", std::process::id(), unique_suffix());
+    let started = Instant::now();
+    // Not in spawn_blocking: the children's parent-death signal fires when the thread that
+    // forked them exits, and blocking-pool threads exit when idle. Runtime workers live on.
+    let mut vm = Vm::launch(&id, &opts.vm)?;
+    let uds = vm.vsock_uds().to_path_buf();
+    let agent = Agent::connect(
+        &uds,
+        husk_proto::AGENT_VSOCK_PORT,
+        started + opts.boot_timeout,
+        || vm.vmm_exit(),
+    )
+    .await?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "agent answered");
+
+    let mut sb = pb::CreateSandboxRequest::new();
+    sb.sandbox_id = id.clone();
+    sb.hostname = "husk".into();
+    sb.guest_time_unix_nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    for share in &opts.vm.shares {
+        let mut s = pb::Share::new();
+        s.tag = share.tag.clone();
+        s.readonly = share.readonly;
+        sb.shares.push(s);
+    }
+    agent
+        .sandbox
+        .create_sandbox(ctx(CALL_TIMEOUT), &sb)
+        .await
+        .map_err(|e| ShimError::agent("CreateSandbox", e))?;
+
+    let mut req = pb::CreateContainerRequest::new();
+    req.container_id = CONTAINER_ID.into();
+    req.oci_spec_json = serde_json::to_vec(&spec::default_spec(&args, &opts.env, false))
+        .map_err(|e| ShimError::Invalid(format!("encode the OCI spec: {e}")))?;
+    let mut root = pb::RootfsSource::new();
+    root.share_tag = rootfs.0.into();
+    root.path = rootfs.1.into();
+    req.rootfs = Some(root).into();
+    req.stdin = opts.stdin;
+    agent
+        .containers
+        .create_container(ctx(CALL_TIMEOUT), &req)
+        .await
+        .map_err(|e| ShimError::agent("CreateContainer", e))?;
+    let mut start = pb::ContainerRequest::new();
+    start.container_id = CONTAINER_ID.into();
+    agent
+        .containers
+        .start_container(ctx(CALL_TIMEOUT), &start)
+        .await
+        .map_err(|e| ShimError::agent("StartContainer", e))?;
+
+    let out = tokio::spawn(copy_stream(agent.clone(), false, tokio::io::stdout()));
+    let err = tokio::spawn(copy_stream(agent.clone(), true, tokio::io::stderr()));
+    let input = opts
+        .stdin
+        .then(|| tokio::spawn(forward_stdin(agent.clone())));
+
+    let mut wait = pb::ProcessRequest::new();
+    wait.container_id = CONTAINER_ID.into();
+    // No deadline: the command runs as long as it runs.
+    let status = agent
+        .containers
+        .wait_process(ttrpc::context::Context::default(), &wait)
+        .await
+        .map_err(|e| ShimError::agent("WaitProcess", e))?;
+    for task in [out, err] {
+        if let Ok(Err(e)) = task.await {
+            tracing::warn!("output: {e}");
+        }
+    }
+    if let Some(t) = input {
+        t.abort();
+    }
+
+    let mut rm = pb::RemoveContainerRequest::new();
+    rm.container_id = CONTAINER_ID.into();
+    rm.timeout_ms = 5000;
+    if let Err(e) = agent
+        .containers
+        .remove_container(ctx(CALL_TIMEOUT), &rm)
+        .await
+    {
+        tracing::warn!("{}", ShimError::agent("RemoveContainer", e));
+    }
+    let mut destroy = pb::DestroySandboxRequest::new();
+    destroy.timeout_ms = 5000;
+    if let Err(e) = agent
+        .sandbox
+        .destroy_sandbox(ctx(CALL_TIMEOUT), &destroy)
+        .await
+    {
+        tracing::warn!("{}", ShimError::agent("DestroySandbox", e));
+    }
+    drop(agent);
+    tokio::task::spawn_blocking(move || vm.shutdown())
+        .await
+        .map_err(|e| ShimError::Invalid(format!("VM shutdown task failed: {e}")))??;
+    Ok(status.exit_status)
+}
+
+/// Copies the container's stdout (or stderr) to `w` until EOF.
+async fn copy_stream(agent: Agent, stderr: bool, mut w: impl AsyncWrite + Unpin) -> Result<()> {
+    loop {
+        let mut req = pb::ReadStreamRequest::new();
+        req.container_id = CONTAINER_ID.into();
+        // A read waits for output; a silent process must not time it out.
+        let c = ttrpc::context::Context::default();
+        let r = if stderr {
+            agent.io.read_stderr(c, &req).await
+        } else {
+            agent.io.read_stdout(c, &req).await
+        }
+        .map_err(|e| ShimError::agent(if stderr { "ReadStderr" } else { "ReadStdout" }, e))?;
+        if !r.data.is_empty() {
+            w.write_all(&r.data)
+                .await
+                .map_err(|e| ShimError::io("write output", e))?;
+            w.flush()
+                .await
+                .map_err(|e| ShimError::io("write output", e))?;
+        }
+        if r.eof {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends our stdin to the process, then closes its stdin.
+async fn forward_stdin(agent: Agent) -> Result<()> {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = stdin
+            .read(&mut buf)
+            .await
+            .map_err(|e| ShimError::io("read stdin", e))?;
+        if n == 0 {
+            break;
+        }
+        let mut req = pb::WriteStdinRequest::new();
+        req.container_id = CONTAINER_ID.into();
+        req.data = buf[..n].to_vec();
+        agent
+            .io
+            .write_stdin(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| ShimError::agent("WriteStdin", e))?;
+    }
+    let mut req = pb::ProcessRequest::new();
+    req.container_id = CONTAINER_ID.into();
+    agent
+        .io
+        .close_stdin(ctx(CALL_TIMEOUT), &req)
+        .await
+        .map_err(|e| ShimError::agent("CloseStdin", e))?;
+    Ok(())
+}
+
+fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{nanos:08x}")
+}

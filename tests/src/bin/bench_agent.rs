@@ -1,0 +1,219 @@
+//! husk-bench-agent: the pod VM's agent, timed. Run it where KVM works (inside the lab:
+//! `tests/lab/run -- target/release/husk-bench-agent`).
+//!
+//! - boot → agent: from launching the VM (virtiofsd-less pod VM, husk-vmm spawned and
+//!   configured through its API) to the agent answering `Health.Check` over hybrid vsock.
+//! - container start, warm VM: `CreateContainer` + `StartContainer` + the end of `/bin/true`'s
+//!   stdout (its first and only answer: EOF) in a VM that already runs, on the embedded
+//!   busybox image. Peer: `runc run` of the same busybox bundle with the same spec on this
+//!   host, from spawn to exit.
+//!
+//! Each figure is the median of `--runs` (default 20); the table shows ratios to the peer.
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_proto::agent as pb;
+use husk_shim::agent::{ctx, Agent};
+use husk_shim::spec::default_spec;
+use husk_shim::vm::{Vm, VmSpec};
+
+const T: Duration = Duration::from_secs(60);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pod_spec() -> VmSpec {
+    let g = husk_tests::guest_dir();
+    let mut s = VmSpec::pod_default().expect("guest images (guest-image/build)");
+    s.kernel = g.join("vmlinux");
+    s.initramfs = g.join("husk-initramfs.cpio");
+    s
+}
+
+async fn boot(name: &str, spec: &VmSpec) -> (Vm, Agent, Duration) {
+    let t = Instant::now();
+    let mut vm = Vm::launch(name, spec).expect("launch the VM");
+    let uds = vm.vsock_uds().to_path_buf();
+    let agent = Agent::connect(
+        &uds,
+        husk_proto::AGENT_VSOCK_PORT,
+        Instant::now() + Duration::from_secs(180),
+        || vm.vmm_exit(),
+    )
+    .await
+    .expect("reach the agent");
+    (vm, agent, t.elapsed())
+}
+
+async fn container_start(agent: &Agent, id: &str) -> Duration {
+    let spec = default_spec(&["/bin/true".into()], &[], false);
+    let mut req = pb::CreateContainerRequest::new();
+    req.container_id = id.into();
+    req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
+    let mut root = pb::RootfsSource::new();
+    root.share_tag = husk_proto::EMBEDDED_SHARE_TAG.into();
+    root.path = husk_proto::DEFAULT_EMBEDDED_IMAGE.into();
+    req.rootfs = Some(root).into();
+    let mut start = pb::ContainerRequest::new();
+    start.container_id = id.into();
+    let mut read = pb::ReadStreamRequest::new();
+    read.container_id = id.into();
+
+    let t = Instant::now();
+    agent
+        .containers
+        .create_container(ctx(T), &req)
+        .await
+        .expect("CreateContainer");
+    agent
+        .containers
+        .start_container(ctx(T), &start)
+        .await
+        .expect("StartContainer");
+    loop {
+        let r = agent
+            .io
+            .read_stdout(ctx(T), &read)
+            .await
+            .expect("ReadStdout");
+        if r.eof || !r.data.is_empty() {
+            break;
+        }
+    }
+    let took = t.elapsed();
+
+    let mut wait = pb::ProcessRequest::new();
+    wait.container_id = id.into();
+    let w = agent
+        .containers
+        .wait_process(ctx(T), &wait)
+        .await
+        .expect("WaitProcess");
+    assert_eq!(w.exit_status, 0, "/bin/true failed in the VM");
+    let mut rm = pb::RemoveContainerRequest::new();
+    rm.container_id = id.into();
+    rm.timeout_ms = 5000;
+    agent
+        .containers
+        .remove_container(ctx(T), &rm)
+        .await
+        .expect("RemoveContainer");
+    took
+}
+
+/// A runc bundle: the busybox rootfs and the spec husk uses, with its root path made
+/// absolute for runc.
+fn runc_bundle(dir: &Path) {
+    let rootfs = dir.join("rootfs");
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", bin.join("true")).unwrap();
+    for d in ["proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    let mut spec = default_spec(&["/bin/true".into()], &[], false);
+    spec["root"]["path"] = rootfs.to_string_lossy().into_owned().into();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&spec).unwrap(),
+    )
+    .unwrap();
+}
+
+fn runc_run(bundle: &Path, id: &str) -> Duration {
+    let t = Instant::now();
+    let st = Command::new("runc")
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("runc (Debian package runc)");
+    let took = t.elapsed();
+    assert!(st.success(), "runc run failed: {st}");
+    took
+}
+
+fn main() {
+    let mut runs = 20usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
+            _ => {
+                eprintln!("usage: husk-bench-agent [--runs N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    husk_tests::require_kvm();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let spec = pod_spec();
+    let pid = std::process::id();
+
+    let mut boots = Vec::new();
+    let mut starts = Vec::new();
+    rt.block_on(async {
+        for i in 0..runs {
+            let (vm, agent, took) = boot(&format!("bench-boot-{pid}-{i}"), &spec).await;
+            boots.push(ms(took));
+            eprintln!("boot {i}: {:.0} ms", ms(took));
+            drop(agent);
+            vm.shutdown().unwrap();
+        }
+        let (vm, agent, _) = boot(&format!("bench-warm-{pid}"), &spec).await;
+        let mut req = pb::CreateSandboxRequest::new();
+        req.sandbox_id = "bench".into();
+        req.hostname = "bench".into();
+        agent
+            .sandbox
+            .create_sandbox(ctx(T), &req)
+            .await
+            .expect("CreateSandbox");
+        // One unmeasured round: first-use costs (page cache, libcontainer state dir).
+        container_start(&agent, "warmup").await;
+        for i in 0..runs {
+            let took = container_start(&agent, &format!("c{i}")).await;
+            starts.push(ms(took));
+        }
+        drop(agent);
+        vm.shutdown().unwrap();
+    });
+
+    let dir = std::env::temp_dir().join(format!("husk-bench-runc-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    runc_bundle(&dir);
+    runc_run(&dir, &format!("husk-bench-warmup-{pid}"));
+    let runc: Vec<f64> = (0..runs)
+        .map(|i| ms(runc_run(&dir, &format!("husk-bench-{pid}-{i}"))))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (b, s, r) = (median(boots), median(starts), median(runc));
+    println!("husk-bench-agent: medians of {runs} runs");
+    println!("| measure | husk | peer | ratio |");
+    println!("|---|---|---|---|");
+    println!("| VM launch → agent Health.Check | {b:.0} ms | (no peer) | |");
+    println!(
+        "| create+start+stdout of /bin/true, warm VM vs `runc run` | {s:.1} ms | {r:.1} ms (runc) | {:.2} |",
+        s / r
+    );
+}
