@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use husk_proto::agent as pb;
 use husk_proto::agent_ttrpc as svc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -13,6 +14,8 @@ use crate::{Result, ShimError};
 
 /// Longest handshake answer we accept ("OK 4294967295\n" is 14 bytes).
 const MAX_HANDSHAKE: usize = 64;
+/// Deadline of each agent call that does not wait on a process.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long one handshake may take once connected.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -127,4 +130,132 @@ pub async fn connect_port(uds: &Path, port: u32) -> std::io::Result<UnixStream> 
 /// A ttrpc context with a deadline.
 pub fn ctx(timeout: Duration) -> context::Context {
     context::with_timeout(timeout.as_nanos() as i64)
+}
+
+/// Where a container's root filesystem comes from: a share tag and a path inside it.
+#[derive(Clone, Debug)]
+pub struct Rootfs {
+    pub share_tag: String,
+    pub path: String,
+}
+
+impl Rootfs {
+    /// An image embedded in the guest's initramfs.
+    pub fn embedded(image: &str) -> Rootfs {
+        Rootfs {
+            share_tag: husk_proto::EMBEDDED_SHARE_TAG.into(),
+            path: image.into(),
+        }
+    }
+}
+
+/// The calls every client makes, with errors a user can read. Deadlines: `CALL_TIMEOUT` for
+/// calls that do not wait on a process; none for those that do.
+impl Agent {
+    pub async fn create_sandbox(&self, req: &pb::CreateSandboxRequest) -> Result<()> {
+        self.sandbox
+            .create_sandbox(ctx(CALL_TIMEOUT), req)
+            .await
+            .map_err(|e| ShimError::agent("CreateSandbox", e))?;
+        Ok(())
+    }
+
+    pub async fn destroy_sandbox(&self, timeout_ms: u32) -> Result<()> {
+        let mut req = pb::DestroySandboxRequest::new();
+        req.timeout_ms = timeout_ms;
+        self.sandbox
+            .destroy_sandbox(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| ShimError::agent("DestroySandbox", e))?;
+        Ok(())
+    }
+
+    /// CreateContainer with the spec as JSON.
+    pub async fn create_container(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+        rootfs: &Rootfs,
+        stdin: bool,
+    ) -> Result<()> {
+        let mut req = pb::CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = serde_json::to_vec(spec)
+            .map_err(|e| ShimError::Invalid(format!("encode the OCI spec: {e}")))?;
+        let mut root = pb::RootfsSource::new();
+        root.share_tag = rootfs.share_tag.clone();
+        root.path = rootfs.path.clone();
+        req.rootfs = Some(root).into();
+        req.stdin = stdin;
+        self.containers
+            .create_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| ShimError::agent("CreateContainer", e))?;
+        Ok(())
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        let mut req = pb::ContainerRequest::new();
+        req.container_id = id.into();
+        self.containers
+            .start_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| ShimError::agent("StartContainer", e))?;
+        Ok(())
+    }
+
+    /// Waits for a process (`exec_id` "" is the container's init) to exit, however long.
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<pb::WaitProcessResponse> {
+        let mut req = pb::ProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        self.containers
+            .wait_process(context::Context::default(), &req)
+            .await
+            .map_err(|e| ShimError::agent("WaitProcess", e))
+    }
+
+    pub async fn remove_container(&self, id: &str, timeout_ms: u32) -> Result<()> {
+        let mut req = pb::RemoveContainerRequest::new();
+        req.container_id = id.into();
+        req.timeout_ms = timeout_ms;
+        self.containers
+            .remove_container(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| ShimError::agent("RemoveContainer", e))?;
+        Ok(())
+    }
+
+    /// One read of a process's stdout (or stderr): the data, and whether it ended. Waits
+    /// for output however long.
+    pub async fn read_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stderr: bool,
+    ) -> Result<(Vec<u8>, bool)> {
+        let mut req = pb::ReadStreamRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        let c = context::Context::default();
+        let r = if stderr {
+            self.io.read_stderr(c, &req).await
+        } else {
+            self.io.read_stdout(c, &req).await
+        }
+        .map_err(|e| ShimError::agent(if stderr { "ReadStderr" } else { "ReadStdout" }, e))?;
+        Ok((r.data, r.eof))
+    }
+
+    /// A process's whole stdout (or stderr), to EOF.
+    pub async fn read_to_end(&self, id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let (data, eof) = self.read_output(id, exec_id, stderr).await?;
+            out.extend_from_slice(&data);
+            if eof {
+                return Ok(out);
+            }
+        }
+    }
 }

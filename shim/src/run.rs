@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use husk_proto::agent as pb;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::agent::{ctx, Agent};
+use crate::agent::{ctx, Agent, Rootfs, CALL_TIMEOUT};
 use crate::vm::{ShareSpec, Vm, VmSpec};
 use crate::{spec, Result, ShimError};
 
@@ -18,8 +18,6 @@ pub const DEFAULT_COMMAND: &[&str] = &["sh", "-c", "echo hello from a husk micro
 const IMAGE_SHARE_TAG: &str = "rootfs";
 /// The container's id inside the VM.
 const CONTAINER_ID: &str = "main";
-/// Deadline of each agent call that does not wait on the container.
-const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What to run, and in what.
 #[derive(Clone, Debug)]
@@ -62,7 +60,7 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
             )));
         }
     }
-    let rootfs = match &opts.image {
+    let rootfs: Rootfs = match &opts.image {
         Some(dir) => {
             let dir = dir.canonicalize().map_err(|e| {
                 ShimError::Invalid(format!("image directory {}: {e}", dir.display()))
@@ -78,12 +76,12 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
                 dir,
                 readonly: false,
             });
-            (IMAGE_SHARE_TAG, ".")
+            Rootfs {
+                share_tag: IMAGE_SHARE_TAG.into(),
+                path: ".".into(),
+            }
         }
-        None => (
-            husk_proto::EMBEDDED_SHARE_TAG,
-            husk_proto::DEFAULT_EMBEDDED_IMAGE,
-        ),
+        None => Rootfs::embedded(husk_proto::DEFAULT_EMBEDDED_IMAGE),
     };
     let args: Vec<String> = if opts.args.is_empty() {
         DEFAULT_COMMAND.iter().map(|s| s.to_string()).collect()
@@ -119,48 +117,20 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
         s.readonly = share.readonly;
         sb.shares.push(s);
     }
+    agent.create_sandbox(&sb).await?;
+    let spec = spec::default_spec(&args, &opts.env, false);
     agent
-        .sandbox
-        .create_sandbox(ctx(CALL_TIMEOUT), &sb)
-        .await
-        .map_err(|e| ShimError::agent("CreateSandbox", e))?;
+        .create_container(CONTAINER_ID, &spec, &rootfs, opts.stdin)
+        .await?;
+    agent.start_container(CONTAINER_ID).await?;
 
-    let mut req = pb::CreateContainerRequest::new();
-    req.container_id = CONTAINER_ID.into();
-    req.oci_spec_json = serde_json::to_vec(&spec::default_spec(&args, &opts.env, false))
-        .map_err(|e| ShimError::Invalid(format!("encode the OCI spec: {e}")))?;
-    let mut root = pb::RootfsSource::new();
-    root.share_tag = rootfs.0.into();
-    root.path = rootfs.1.into();
-    req.rootfs = Some(root).into();
-    req.stdin = opts.stdin;
-    agent
-        .containers
-        .create_container(ctx(CALL_TIMEOUT), &req)
-        .await
-        .map_err(|e| ShimError::agent("CreateContainer", e))?;
-    let mut start = pb::ContainerRequest::new();
-    start.container_id = CONTAINER_ID.into();
-    agent
-        .containers
-        .start_container(ctx(CALL_TIMEOUT), &start)
-        .await
-        .map_err(|e| ShimError::agent("StartContainer", e))?;
-
-    let out = tokio::spawn(copy_stream(agent.clone(), false, tokio::io::stdout()));
-    let err = tokio::spawn(copy_stream(agent.clone(), true, tokio::io::stderr()));
+    let out = tokio::spawn(copy_output(agent.clone(), false, tokio::io::stdout()));
+    let err = tokio::spawn(copy_output(agent.clone(), true, tokio::io::stderr()));
     let input = opts
         .stdin
         .then(|| tokio::spawn(forward_stdin(agent.clone())));
-
-    let mut wait = pb::ProcessRequest::new();
-    wait.container_id = CONTAINER_ID.into();
     // No deadline: the command runs as long as it runs.
-    let status = agent
-        .containers
-        .wait_process(ttrpc::context::Context::default(), &wait)
-        .await
-        .map_err(|e| ShimError::agent("WaitProcess", e))?;
+    let status = agent.wait_process(CONTAINER_ID, "").await?;
     for task in [out, err] {
         if let Ok(Err(e)) = task.await {
             tracing::warn!("output: {e}");
@@ -169,25 +139,11 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
     if let Some(t) = input {
         t.abort();
     }
-
-    let mut rm = pb::RemoveContainerRequest::new();
-    rm.container_id = CONTAINER_ID.into();
-    rm.timeout_ms = 5000;
-    if let Err(e) = agent
-        .containers
-        .remove_container(ctx(CALL_TIMEOUT), &rm)
-        .await
-    {
-        tracing::warn!("{}", ShimError::agent("RemoveContainer", e));
+    if let Err(e) = agent.remove_container(CONTAINER_ID, 5000).await {
+        tracing::warn!("{e}");
     }
-    let mut destroy = pb::DestroySandboxRequest::new();
-    destroy.timeout_ms = 5000;
-    if let Err(e) = agent
-        .sandbox
-        .destroy_sandbox(ctx(CALL_TIMEOUT), &destroy)
-        .await
-    {
-        tracing::warn!("{}", ShimError::agent("DestroySandbox", e));
+    if let Err(e) = agent.destroy_sandbox(5000).await {
+        tracing::warn!("{e}");
     }
     drop(agent);
     tokio::task::spawn_blocking(move || vm.shutdown())
@@ -197,27 +153,18 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
 }
 
 /// Copies the container's stdout (or stderr) to `w` until EOF.
-async fn copy_stream(agent: Agent, stderr: bool, mut w: impl AsyncWrite + Unpin) -> Result<()> {
+async fn copy_output(agent: Agent, stderr: bool, mut w: impl AsyncWrite + Unpin) -> Result<()> {
     loop {
-        let mut req = pb::ReadStreamRequest::new();
-        req.container_id = CONTAINER_ID.into();
-        // A read waits for output; a silent process must not time it out.
-        let c = ttrpc::context::Context::default();
-        let r = if stderr {
-            agent.io.read_stderr(c, &req).await
-        } else {
-            agent.io.read_stdout(c, &req).await
-        }
-        .map_err(|e| ShimError::agent(if stderr { "ReadStderr" } else { "ReadStdout" }, e))?;
-        if !r.data.is_empty() {
-            w.write_all(&r.data)
+        let (data, eof) = agent.read_output(CONTAINER_ID, "", stderr).await?;
+        if !data.is_empty() {
+            w.write_all(&data)
                 .await
                 .map_err(|e| ShimError::io("write output", e))?;
             w.flush()
                 .await
                 .map_err(|e| ShimError::io("write output", e))?;
         }
-        if r.eof {
+        if eof {
             return Ok(());
         }
     }

@@ -1,5 +1,6 @@
 //! The OCI runtime spec `husk run` gives its container: what `runc spec` writes, plus a
-//! tmpfs `/tmp` (the embedded images are read-only).
+//! tmpfs `/tmp` (the embedded images are read-only) and the container's cgroup at
+//! `/sys/fs/cgroup`, as containerd's CRI plugin mounts it. No hostname: the pod's applies.
 
 use serde_json::{json, Value};
 
@@ -31,7 +32,6 @@ pub fn default_spec(args: &[String], env: &[String], terminal: bool) -> Value {
             "noNewPrivileges": true
         },
         "root": {"path": "rootfs", "readonly": false},
-        "hostname": "husk",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -44,6 +44,8 @@ pub fn default_spec(args: &[String], env: &[String], terminal: bool) -> Value {
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "nodev", "mode=1777"]}
         ],
@@ -83,6 +85,10 @@ mod tests {
         assert!(env.iter().any(|e| e.as_str().unwrap().starts_with("PATH=")));
         // The agent parses specs with oci-spec: this one must pass.
         let spec: oci_spec::runtime::Spec = serde_json::from_value(s).unwrap();
-        assert_eq!(spec.hostname().as_deref(), Some("husk"));
+        assert_eq!(
+            spec.hostname().as_deref(),
+            None,
+            "containers take the pod's hostname"
+        );
     }
 }

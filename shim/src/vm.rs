@@ -52,21 +52,32 @@ pub struct VmSpec {
     pub nets: Vec<NetSpec>,
     /// Guest console on the VMM's stdout (inherited from us as stderr) instead of a log file.
     pub console_to_stderr: bool,
+    /// The VMM binary; `None` looks it up ([`paths::husk_vmm`]).
+    pub vmm_bin: Option<PathBuf>,
 }
 
 impl VmSpec {
     /// The default pod VM: our kernel and the agent initramfs from [`paths::guest_dir`].
     pub fn pod_default() -> Result<VmSpec> {
-        Ok(VmSpec {
-            kernel: paths::guest_file("vmlinux")?,
-            initramfs: paths::guest_file("husk-initramfs.cpio")?,
+        Ok(VmSpec::pod(
+            paths::guest_file("vmlinux")?,
+            paths::guest_file("husk-initramfs.cpio")?,
+        ))
+    }
+
+    /// A pod VM booting `kernel` with the agent initramfs `initramfs`.
+    pub fn pod(kernel: PathBuf, initramfs: PathBuf) -> VmSpec {
+        VmSpec {
+            kernel,
+            initramfs,
             cmdline: "quiet".into(),
             mem_mib: 256,
             vcpus: 1,
             shares: Vec::new(),
             nets: Vec::new(),
             console_to_stderr: false,
-        })
+            vmm_bin: None,
+        }
     }
 }
 
@@ -127,7 +138,11 @@ impl Vm {
                 tag: share.tag.clone(),
             });
         }
-        self.start_vmm(spec.console_to_stderr)?;
+        let bin = match &spec.vmm_bin {
+            Some(b) => b.clone(),
+            None => paths::husk_vmm()?,
+        };
+        self.start_vmm(bin, spec.console_to_stderr)?;
         let serial = if spec.console_to_stderr {
             SerialConfig::Stdout
         } else {
@@ -230,8 +245,7 @@ impl Vm {
         Ok(sock)
     }
 
-    fn start_vmm(&mut self, console_to_stderr: bool) -> Result<()> {
-        let bin = paths::husk_vmm()?;
+    fn start_vmm(&mut self, bin: PathBuf, console_to_stderr: bool) -> Result<()> {
         let mut cmd = Command::new(&bin);
         cmd.arg("--api-sock").arg(&self.api_sock);
         cmd.stdin(Stdio::null());

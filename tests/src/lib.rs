@@ -243,3 +243,54 @@ pub mod leaks {
         }
     }
 }
+
+pub mod pod {
+    //! Pod VMs for the KVM tests and benchmarks: the built guest images and VMM, and a VM
+    //! booted up to its agent answering.
+    use std::time::{Duration, Instant};
+
+    use husk_shim::agent::Agent;
+    use husk_shim::vm::{Vm, VmSpec};
+
+    /// The pod VM of this build tree (`guest-image/build`, `cargo build --bins`).
+    pub fn spec() -> VmSpec {
+        let g = super::guest_dir();
+        let mut spec = VmSpec::pod(g.join("vmlinux"), g.join("husk-initramfs.cpio"));
+        spec.vmm_bin = Some(super::bin_dir().join("husk-vmm"));
+        spec
+    }
+
+    /// Launches `spec` as VM `name` and connects to its agent; panics with the reason if
+    /// either fails. Also returns the time from launch to the agent's first answer.
+    pub async fn boot(name: &str, spec: &VmSpec) -> (Vm, Agent, Duration) {
+        let t = Instant::now();
+        let mut vm = Vm::launch(name, spec).unwrap_or_else(|e| panic!("launch the VM: {e}"));
+        let uds = vm.vsock_uds().to_path_buf();
+        let agent = Agent::connect(
+            &uds,
+            husk_proto::AGENT_VSOCK_PORT,
+            Instant::now() + Duration::from_secs(180),
+            || vm.vmm_exit(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("reach the agent: {e}"));
+        (vm, agent, t.elapsed())
+    }
+
+    /// A sandbox named and hostnamed `id`.
+    pub async fn create_sandbox(agent: &Agent, id: &str) {
+        let mut req = husk_proto::agent::CreateSandboxRequest::new();
+        req.sandbox_id = id.into();
+        req.hostname = id.into();
+        agent.create_sandbox(&req).await.expect("CreateSandbox");
+    }
+
+    /// A tokio runtime for a test.
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    }
+}

@@ -8,7 +8,6 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use husk_proto::agent as pb;
-use husk_proto::agent_ttrpc as svc;
 use serde_json::{json, Value};
 use ttrpc::context;
 
@@ -98,12 +97,16 @@ pub struct TestAgent {
     child: Child,
     guest: bool,
     pub sandbox_id: String,
-    pub health: svc::HealthClient,
-    pub sandbox: svc::SandboxClient,
-    pub containers: svc::ContainersClient,
-    pub io: svc::IoClient,
-    pub events: svc::EventsClient,
-    pub network: svc::NetworkClient,
+    /// The clients, shared with husk run and the shim; fields and calls of `Agent` are
+    /// reached through `Deref`.
+    pub api: husk_shim::agent::Agent,
+}
+
+impl std::ops::Deref for TestAgent {
+    type Target = husk_shim::agent::Agent;
+    fn deref(&self) -> &Self::Target {
+        &self.api
+    }
 }
 
 pub const SHARE: &str = "share0";
@@ -215,12 +218,7 @@ impl TestAgent {
             child,
             guest,
             sandbox_id,
-            health: svc::HealthClient::new(client.clone()),
-            sandbox: svc::SandboxClient::new(client.clone()),
-            containers: svc::ContainersClient::new(client.clone()),
-            io: svc::IoClient::new(client.clone()),
-            events: svc::EventsClient::new(client.clone()),
-            network: svc::NetworkClient::new(client),
+            api: husk_shim::agent::Agent::from_client(client),
         }
     }
 

@@ -13,12 +13,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_proto::agent as pb;
-use husk_shim::agent::{ctx, Agent};
+use husk_shim::agent::{Agent, Rootfs};
 use husk_shim::spec::default_spec;
-use husk_shim::vm::{Vm, VmSpec};
-
-const T: Duration = Duration::from_secs(60);
+use husk_tests::pod;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -34,80 +31,26 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn pod_spec() -> VmSpec {
-    let g = husk_tests::guest_dir();
-    let mut s = VmSpec::pod_default().expect("guest images (guest-image/build)");
-    s.kernel = g.join("vmlinux");
-    s.initramfs = g.join("husk-initramfs.cpio");
-    s
-}
-
-async fn boot(name: &str, spec: &VmSpec) -> (Vm, Agent, Duration) {
-    let t = Instant::now();
-    let mut vm = Vm::launch(name, spec).expect("launch the VM");
-    let uds = vm.vsock_uds().to_path_buf();
-    let agent = Agent::connect(
-        &uds,
-        husk_proto::AGENT_VSOCK_PORT,
-        Instant::now() + Duration::from_secs(180),
-        || vm.vmm_exit(),
-    )
-    .await
-    .expect("reach the agent");
-    (vm, agent, t.elapsed())
-}
-
 async fn container_start(agent: &Agent, id: &str) -> Duration {
     let spec = default_spec(&["/bin/true".into()], &[], false);
-    let mut req = pb::CreateContainerRequest::new();
-    req.container_id = id.into();
-    req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
-    let mut root = pb::RootfsSource::new();
-    root.share_tag = husk_proto::EMBEDDED_SHARE_TAG.into();
-    root.path = husk_proto::DEFAULT_EMBEDDED_IMAGE.into();
-    req.rootfs = Some(root).into();
-    let mut start = pb::ContainerRequest::new();
-    start.container_id = id.into();
-    let mut read = pb::ReadStreamRequest::new();
-    read.container_id = id.into();
-
+    let rootfs = Rootfs::embedded(husk_proto::DEFAULT_EMBEDDED_IMAGE);
     let t = Instant::now();
     agent
-        .containers
-        .create_container(ctx(T), &req)
+        .create_container(id, &spec, &rootfs, false)
         .await
         .expect("CreateContainer");
-    agent
-        .containers
-        .start_container(ctx(T), &start)
-        .await
-        .expect("StartContainer");
+    agent.start_container(id).await.expect("StartContainer");
     loop {
-        let r = agent
-            .io
-            .read_stdout(ctx(T), &read)
-            .await
-            .expect("ReadStdout");
-        if r.eof || !r.data.is_empty() {
+        let (data, eof) = agent.read_output(id, "", false).await.expect("ReadStdout");
+        if eof || !data.is_empty() {
             break;
         }
     }
     let took = t.elapsed();
-
-    let mut wait = pb::ProcessRequest::new();
-    wait.container_id = id.into();
-    let w = agent
-        .containers
-        .wait_process(ctx(T), &wait)
-        .await
-        .expect("WaitProcess");
+    let w = agent.wait_process(id, "").await.expect("WaitProcess");
     assert_eq!(w.exit_status, 0, "/bin/true failed in the VM");
-    let mut rm = pb::RemoveContainerRequest::new();
-    rm.container_id = id.into();
-    rm.timeout_ms = 5000;
     agent
-        .containers
-        .remove_container(ctx(T), &rm)
+        .remove_container(id, 5000)
         .await
         .expect("RemoveContainer");
     took
@@ -161,33 +104,22 @@ fn main() {
         }
     }
     husk_tests::require_kvm();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let spec = pod_spec();
+    let rt = pod::runtime();
+    let spec = pod::spec();
     let pid = std::process::id();
 
     let mut boots = Vec::new();
     let mut starts = Vec::new();
     rt.block_on(async {
         for i in 0..runs {
-            let (vm, agent, took) = boot(&format!("bench-boot-{pid}-{i}"), &spec).await;
+            let (vm, agent, took) = pod::boot(&format!("bench-boot-{pid}-{i}"), &spec).await;
             boots.push(ms(took));
             eprintln!("boot {i}: {:.0} ms", ms(took));
             drop(agent);
             vm.shutdown().unwrap();
         }
-        let (vm, agent, _) = boot(&format!("bench-warm-{pid}"), &spec).await;
-        let mut req = pb::CreateSandboxRequest::new();
-        req.sandbox_id = "bench".into();
-        req.hostname = "bench".into();
-        agent
-            .sandbox
-            .create_sandbox(ctx(T), &req)
-            .await
-            .expect("CreateSandbox");
+        let (vm, agent, _) = pod::boot(&format!("bench-warm-{pid}"), &spec).await;
+        pod::create_sandbox(&agent, "bench").await;
         // One unmeasured round: first-use costs (page cache, libcontainer state dir).
         container_start(&agent, "warmup").await;
         for i in 0..runs {
