@@ -102,12 +102,20 @@ fn segment(selector: u16, type_: u8, s: u8) -> kvm_segment {
 
 /// CPUID as KVM supports it, with the per-CPU fields a guest uses to tell CPUs apart
 /// and the hypervisor bit set (so the kernel looks for kvm-clock).
-pub fn filter_cpuid(cpuid: &mut CpuId, id: u8, num_cpus: u8) {
+///
+/// `tsc_deadline`: KVM emulates the LAPIC's TSC-deadline mode (`KVM_CAP_TSC_DEADLINE_TIMER`)
+/// but `KVM_GET_SUPPORTED_CPUID` does not say so; announcing it spares the guest its LAPIC
+/// timer calibration, which under nested virtualization takes long and can fail ("APIC timer
+/// disabled due to verification failure"), leaving the guest on the PIT.
+pub fn filter_cpuid(cpuid: &mut CpuId, id: u8, num_cpus: u8, tsc_deadline: bool) {
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(num_cpus) << 16);
                 e.ecx |= 1 << 31;
+                if tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
                 if num_cpus > 1 {
                     e.edx |= 1 << 28; // HTT: the logical-processor count above is valid
                 }
@@ -137,7 +145,8 @@ impl Vcpu {
     /// Configures the vCPU; the boot processor also gets PVH entry state.
     pub fn configure(&self, kvm: &Kvm, num_cpus: u8, entry: u64) -> Result<(), VcpuError> {
         let mut cpuid = self.cfg("CPUID", kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))?;
-        filter_cpuid(&mut cpuid, self.id, num_cpus);
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        filter_cpuid(&mut cpuid, self.id, num_cpus, tsc_deadline);
         self.cfg("CPUID", self.fd.set_cpuid2(&cpuid))?;
 
         let msrs = [
@@ -340,12 +349,19 @@ mod tests {
             },
         ])
         .unwrap();
-        filter_cpuid(&mut cpuid, 3, 4);
+        filter_cpuid(&mut cpuid, 3, 4, false);
         let e = cpuid.as_slice();
+        assert_eq!(
+            e[0].ecx & (1 << 24),
+            0,
+            "no TSC deadline unless KVM emulates it"
+        );
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
         assert_eq!(e[0].ebx & 0xffff, 0xccdd);
         assert_ne!(e[0].ecx & (1 << 31), 0);
         assert_eq!(e[1].edx, 3);
+        filter_cpuid(&mut cpuid, 0, 1, true);
+        assert_ne!(cpuid.as_slice()[0].ecx & (1 << 24), 0);
     }
 }
