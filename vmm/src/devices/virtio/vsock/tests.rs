@@ -863,6 +863,32 @@ fn guest_overrunning_its_credit_is_reset() {
     let _ = client.read_to_end(&mut sink);
 }
 
+/// The guest sends 16 KiB chunks on a stream for as long as its credit lasts, as a driver
+/// does. Returns the chunk, the bytes sent and the last fwd_cnt we told the guest.
+fn send_until_out_of_credit(
+    h: &mut Harness,
+    guest_port: u32,
+    host_port: u32,
+) -> (Vec<u8>, u32, u32) {
+    let chunk: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut sent: u32 = 0;
+    let mut peer_fwd: u32 = 0;
+    loop {
+        for p in h.take_rx() {
+            assert_ne!(p.hdr.op, OP_RST, "stream reset: {p:?}");
+            if p.hdr.src_port == host_port {
+                peer_fwd = p.hdr.fwd_cnt;
+            }
+        }
+        if ((CONN_BUF_ALLOC - (sent - peer_fwd)) as usize) < chunk.len() {
+            return (chunk, sent, peer_fwd);
+        }
+        h.send(ghdr(guest_port, host_port, OP_RW), &chunk);
+        sent += chunk.len() as u32;
+        assert!(sent < 64 << 20, "credit never runs out");
+    }
+}
+
 #[test]
 fn slow_host_reader_does_not_stall_other_streams() {
     let mut h = Harness::new();
@@ -871,24 +897,7 @@ fn slow_host_reader_does_not_stall_other_streams() {
     let (mut fast, fast_port) = h.open_host_stream(1001, CONN_BUF_ALLOC);
 
     // The guest sends to the slow stream for as long as its credit lasts, as a driver does.
-    let chunk: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let mut sent: u32 = 0;
-    let mut peer_fwd: u32 = 0;
-    loop {
-        for p in h.take_rx() {
-            assert_ne!(p.hdr.op, OP_RST, "stream reset: {p:?}");
-            if p.hdr.src_port == slow_port {
-                peer_fwd = p.hdr.fwd_cnt;
-            }
-        }
-        let credit = CONN_BUF_ALLOC - (sent - peer_fwd);
-        if (credit as usize) < chunk.len() {
-            break;
-        }
-        h.send(ghdr(1000, slow_port, OP_RW), &chunk);
-        sent += chunk.len() as u32;
-        assert!(sent < 64 << 20, "credit never runs out");
-    }
+    let (chunk, sent, mut peer_fwd) = send_until_out_of_credit(&mut h, 1000, slow_port);
     assert!(sent >= CONN_BUF_ALLOC, "sent {sent}");
 
     // The other stream is unaffected, both ways.
@@ -1029,20 +1038,7 @@ fn guest_close_waits_for_a_slow_host_reader() {
     h.give_rx(8, 4096);
     let (mut slow, port) = h.open_host_stream(1024, CONN_BUF_ALLOC);
     // Fill the host socket and our buffer, as far as the guest's credit goes.
-    let chunk: Vec<u8> = (0..16 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let mut sent: u32 = 0;
-    let mut peer_fwd: u32 = 0;
-    loop {
-        for p in h.take_rx() {
-            assert_ne!(p.hdr.op, OP_RST, "stream reset: {p:?}");
-            peer_fwd = p.hdr.fwd_cnt;
-        }
-        if ((CONN_BUF_ALLOC - (sent - peer_fwd)) as usize) < chunk.len() {
-            break;
-        }
-        h.send(ghdr(1024, port, OP_RW), &chunk);
-        sent += chunk.len() as u32;
-    }
+    let (_, sent, _) = send_until_out_of_credit(&mut h, 1024, port);
     let mut sd = ghdr(1024, port, OP_SHUTDOWN);
     sd.flags = SHUTDOWN_F_BOTH;
     h.send(sd, &[]);
