@@ -294,3 +294,19 @@ pub mod pod {
             .expect("tokio runtime")
     }
 }
+
+/// A busybox root filesystem in `dir` on the host (Debian's static /bin/busybox with a
+/// symlink per `applets`, and the directories a container mounts onto), for runc and for
+/// `husk run --image`.
+pub fn busybox_rootfs(dir: &std::path::Path, applets: &[&str]) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("create the rootfs");
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("/bin/busybox (Debian busybox-static, scripts/setup)");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet symlink");
+    }
+    for d in ["proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(dir.join(d)).expect("create the rootfs");
+    }
+}

@@ -60,13 +60,7 @@ async fn container_start(agent: &Agent, id: &str) -> Duration {
 /// absolute for runc.
 fn runc_bundle(dir: &Path) {
     let rootfs = dir.join("rootfs");
-    let bin = rootfs.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", bin.join("true")).unwrap();
-    for d in ["proc", "sys", "dev", "etc", "tmp"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
+    husk_tests::busybox_rootfs(&rootfs, &["true"]);
     let mut spec = default_spec(&["/bin/true".into()], &[], false);
     spec["root"]["path"] = rootfs.to_string_lossy().into_owned().into();
     std::fs::write(

@@ -52,7 +52,7 @@ fn husk_run_uses_an_image_directory_over_virtio_fs_and_forwards_stdin() {
     let before = Snapshot::take();
     let dir = std::env::temp_dir().join(format!("husk-run-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    busybox_rootfs(&dir);
+    husk_tests::busybox_rootfs(&dir, &["sh", "cat", "wc"]);
     std::fs::write(dir.join("etc/motd"), "from the host's image\n").unwrap();
     let mut child = husk()
         .args(["run", "-i", "--image"])
@@ -188,18 +188,4 @@ fn vmm_child_of(pid: u32) -> Option<i32> {
 fn unsafe_kill(pid: i32, sig: i32) {
     // SAFETY: kill(2) takes no pointers.
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-}
-
-/// A busybox root filesystem on the host: /bin/busybox and its applets, /etc basics.
-fn busybox_rootfs(dir: &std::path::Path) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", bin.join("sh")).unwrap();
-    for applet in ["cat", "wc", "echo", "true"] {
-        std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-    }
-    for d in ["proc", "sys", "dev", "etc", "tmp"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
 }
