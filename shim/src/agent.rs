@@ -247,6 +247,31 @@ impl Agent {
         Ok((r.data, r.eof))
     }
 
+    /// Writes all of `data` to a process's stdin.
+    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
+        let mut req = pb::WriteStdinRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        req.data = data.to_vec();
+        self.io
+            .write_stdin(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| ShimError::agent("WriteStdin", e))?;
+        Ok(())
+    }
+
+    /// Closes a process's stdin, so it reads EOF.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let mut req = pb::ProcessRequest::new();
+        req.container_id = id.into();
+        req.exec_id = exec_id.into();
+        self.io
+            .close_stdin(ctx(CALL_TIMEOUT), &req)
+            .await
+            .map_err(|e| ShimError::agent("CloseStdin", e))?;
+        Ok(())
+    }
+
     /// A process's whole stdout (or stderr), to EOF.
     pub async fn read_to_end(&self, id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>> {
         let mut out = Vec::new();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use husk_proto::agent as pb;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::agent::{ctx, Agent, Rootfs, CALL_TIMEOUT};
+use crate::agent::{Agent, Rootfs};
 use crate::vm::{ShareSpec, Vm, VmSpec};
 use crate::{spec, Result, ShimError};
 
@@ -182,22 +182,9 @@ async fn forward_stdin(agent: Agent) -> Result<()> {
         if n == 0 {
             break;
         }
-        let mut req = pb::WriteStdinRequest::new();
-        req.container_id = CONTAINER_ID.into();
-        req.data = buf[..n].to_vec();
-        agent
-            .io
-            .write_stdin(ctx(CALL_TIMEOUT), &req)
-            .await
-            .map_err(|e| ShimError::agent("WriteStdin", e))?;
+        agent.write_stdin(CONTAINER_ID, "", &buf[..n]).await?;
     }
-    let mut req = pb::ProcessRequest::new();
-    req.container_id = CONTAINER_ID.into();
-    agent
-        .io
-        .close_stdin(ctx(CALL_TIMEOUT), &req)
-        .await
-        .map_err(|e| ShimError::agent("CloseStdin", e))?;
+    agent.close_stdin(CONTAINER_ID, "").await?;
     Ok(())
 }
 
