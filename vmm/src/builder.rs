@@ -197,6 +197,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     }
     let vm = Vm::new()?;
     let mem = guest_memory(&cfg)?;
+    crate::vstate::memory::advise(&mem).map_err(|e| BuildError::Memory(e.to_string()))?;
     vm.register_memory(&mem)?;
     let ram = layout::ram_ranges(cfg.mem_mib << 20);
 

@@ -35,7 +35,6 @@ pub struct Options {
 struct Running {
     vm: BuiltVm,
     vcpus: RunningVcpus,
-    cleanup: CleanupGuard,
 }
 
 pub struct Controller {
@@ -47,7 +46,7 @@ pub struct Controller {
     pending: Vec<Subscriber>,
     /// Set when the VM ended, or was shut down before it started.
     ended: Option<ExitReason>,
-    extra_cleanup: Vec<PathBuf>,
+    cleanup: Option<CleanupGuard>,
     jail: Option<JailSpec>,
     opts: Options,
 }
@@ -67,17 +66,26 @@ impl MutEventSubscriber for ExitWatcher {
 }
 
 impl Controller {
-    pub fn new(opts: Options, jail: Option<JailSpec>, extra_cleanup: Vec<PathBuf>) -> Self {
-        Controller {
+    /// Forks the socket-cleanup helper, so call it before anything allocates guest memory.
+    pub fn new(opts: Options, jail: Option<JailSpec>) -> Result<Self, cleanup::CleanupError> {
+        Ok(Controller {
             cfg: VmConfig::default(),
             configured: false,
             state: VmState::Configuring,
             running: None,
             pending: Vec::new(),
             ended: None,
-            extra_cleanup,
+            cleanup: Some(cleanup::spawn()?),
             jail,
             opts,
+        })
+    }
+
+    /// Files to remove when the VMM ends, however it ends.
+    pub fn remove_at_exit(&mut self, paths: &[PathBuf]) -> Result<(), cleanup::CleanupError> {
+        match &mut self.cleanup {
+            Some(c) => c.watch(paths),
+            None => Ok(()),
         }
     }
 
@@ -107,8 +115,8 @@ impl Controller {
 
     /// Stops waiting for the cleanup helper: it removes the socket files once we are gone.
     pub fn finish_cleanup(&mut self) {
-        if let Some(r) = self.running.take() {
-            r.cleanup.finish();
+        if let Some(c) = self.cleanup.take() {
+            c.finish();
         }
     }
 
@@ -121,9 +129,8 @@ impl Controller {
         let cfg = std::mem::take(&mut self.cfg);
         let mut vm =
             builder::build(cfg, origin).map_err(|e| format!("cannot build the VM: {e}"))?;
-        let mut paths = vm.cleanup_paths.clone();
-        paths.extend(self.extra_cleanup.iter().cloned());
-        let cleanup = cleanup::spawn(&paths).map_err(|e| e.to_string())?;
+        self.remove_at_exit(&vm.cleanup_paths)
+            .map_err(|e| e.to_string())?;
         if let Some(j) = &self.jail {
             crate::jail::enter(&j.dir, j.uid, j.gid)
                 .map_err(|e| format!("cannot enter the jail: {e}"))?;
@@ -143,7 +150,7 @@ impl Controller {
         self.pending.append(&mut vm.subscribers);
         self.pending
             .push(Arc::new(Mutex::new(ExitWatcher(vm.exit.clone()))));
-        self.running = Some(Running { vm, vcpus, cleanup });
+        self.running = Some(Running { vm, vcpus });
         self.state = VmState::Running;
         Ok(())
     }

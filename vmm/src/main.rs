@@ -142,13 +142,14 @@ fn run(args: Args, start: Instant) -> anyhow::Result<i32> {
     };
     let mut em = EventManager::<Subscriber>::new()
         .map_err(|e| anyhow::anyhow!("cannot create the event loop: {e:?}"))?;
-    let ctl = Arc::new(Mutex::new(Controller::new(
-        opts,
-        jail,
-        api_sock.iter().cloned().collect(),
-    )));
+    let ctl = Arc::new(Mutex::new(
+        Controller::new(opts, jail).context("cannot start the cleanup helper")?,
+    ));
     if let Some(p) = &api_sock {
         let server = ApiServer::bind(p, ctl.clone()).context("cannot serve the control API")?;
+        lock(&ctl)
+            .remove_at_exit(std::slice::from_ref(p))
+            .context("cannot watch the API socket")?;
         em.add_subscriber(Arc::new(Mutex::new(server)));
     }
     match args.kernel.clone() {

@@ -332,21 +332,33 @@ fn killing_the_vmm_leaves_no_socket_tap_or_child() {
         Path::new(&format!("/sys/class/net/{tap}")).exists(),
         "the VMM made no tap"
     );
+    // The VMM's children, taken while it lives: after it is reaped they would be
+    // reparented and no longer show as its children, so a check then could not fail.
+    let kids = children_of(pid);
+    assert!(!kids.is_empty(), "the VMM has no cleanup helper to watch");
+    // A zombie has exited: its cleanup is done, only its reaping is left to PID 1.
+    let alive = || -> Vec<u32> {
+        kids.iter()
+            .copied()
+            .filter(|k| {
+                std::fs::read_to_string(format!("/proc/{k}/stat")).is_ok_and(|st| {
+                    st.rsplit_once(") ")
+                        .is_some_and(|(_, r)| !r.starts_with('Z'))
+                })
+            })
+            .collect()
+    };
+    let tap_exists = || Path::new(&format!("/sys/class/net/{tap}")).exists();
     child.kill().unwrap();
     child.wait().unwrap();
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while (uds.exists() || Path::new(&format!("/sys/class/net/{tap}")).exists())
-        && Instant::now() < deadline
-    {
+    while (uds.exists() || tap_exists() || !alive().is_empty()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!uds.exists(), "vsock socket left behind");
-    assert!(
-        !Path::new(&format!("/sys/class/net/{tap}")).exists(),
-        "tap left behind"
-    );
-    assert!(children_of(pid).is_empty(), "child processes left behind");
+    assert!(!tap_exists(), "tap left behind");
+    assert_eq!(alive(), Vec::<u32>::new(), "the VMM's children outlived it");
     std::fs::remove_dir_all(d).unwrap();
 }
 
@@ -441,4 +453,66 @@ fn jailed_vmm_boots_as_an_unprivileged_user() {
     o.assert_pass("boot");
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     std::fs::remove_dir_all(d).unwrap();
+}
+
+/// Per mapping of `pid` whose size is `size_kib`: (Shared_Clean + Shared_Dirty, AnonHugePages).
+fn smaps_of_mappings_sized(pid: u32, size_kib: u64) -> Vec<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/smaps: {e}"));
+    let field = |l: &str, name: &str| -> Option<u64> {
+        l.strip_prefix(name)?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut current: Option<usize> = None;
+    for l in smaps.lines() {
+        if let Some(size) = field(l, "Size:") {
+            current = (size == size_kib).then(|| {
+                out.push((0, 0));
+                out.len() - 1
+            });
+        } else if let Some(i) = current {
+            if let Some(kb) = field(l, "Shared_Clean:").or_else(|| field(l, "Shared_Dirty:")) {
+                out[i].0 += kb;
+            } else if let Some(kb) = field(l, "AnonHugePages:") {
+                out[i].1 += kb;
+            }
+        }
+    }
+    out
+}
+
+/// Guest RAM is the VMM's alone: no helper or other child shares a page of it (a fork after
+/// the kernel was loaded used to keep megabytes of it copy-on-write with the cleanup helper).
+#[test]
+fn guest_memory_is_shared_with_no_other_process() {
+    husk_tests::require_kvm();
+    let d = tmpdir("smaps");
+    let uds = d.join("vsock.sock");
+    let mut child = vmm_proc::command("vsock", "")
+        .args(["--mem", "128"])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .spawn()
+        .unwrap();
+    // Once the guest listens, the kernel and initramfs are loaded and the guest has run.
+    let s = connect_guest(&uds, 1024, Instant::now() + Duration::from_secs(90));
+    let pid = child.id();
+    let ram = smaps_of_mappings_sized(pid, 128 * 1024);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(s);
+    std::fs::remove_dir_all(d).unwrap();
+    assert_eq!(
+        ram.len(),
+        1,
+        "expected one 128 MiB guest RAM mapping: {ram:?}"
+    );
+    let (shared_kib, huge_kib) = ram[0];
+    eprintln!("guest RAM: {shared_kib} KiB shared, {huge_kib} KiB in huge pages");
+    assert_eq!(shared_kib, 0, "guest RAM shared with another process");
 }
