@@ -22,6 +22,7 @@ use crate::devices::legacy::boot_timer::BootTime;
 use crate::devices::legacy::{boot_timer, i8042, serial, BootTimer, SerialDevice, I8042};
 use crate::devices::virtio::mmio::{cmdline_entry, MmioTransport};
 use crate::devices::virtio::{block, fs, net, rng, vsock, GuestMemory, VirtioDevice};
+use crate::vstate::startup::StartupProfile;
 use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::Vm;
 use crate::vstate::VmExit;
@@ -195,10 +196,14 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
             cfg.vcpus
         )));
     }
+    let mut profile = StartupProfile::new(start);
+    profile.mark("process");
     let vm = Vm::new()?;
+    profile.mark("kvm");
     let mem = guest_memory(&cfg)?;
     crate::vstate::memory::advise(&mem).map_err(|e| BuildError::Memory(e.to_string()))?;
     vm.register_memory(&mem)?;
+    profile.mark("memory");
     let ram = layout::ram_ranges(cfg.mem_mib << 20);
 
     let kernel = pvh::load_kernel(&mem, &cfg.kernel)?;
@@ -209,6 +214,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     pvh::write_gdt(&mem)?;
     pvh::write_start_info(&mem, &ram, initrd)?;
     mptable::setup(&mem, cfg.vcpus)?;
+    profile.mark("kernel+initramfs");
 
     let exit = Arc::new(VmExit::new()?);
     let panicked = Arc::new(AtomicBool::new(false));
@@ -287,12 +293,15 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     }
     pvh::write_cmdline(&mem, &cmdline)?;
 
+    profile.mark("devices");
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for id in 0..cfg.vcpus {
         let v = Vcpu::new(&vm.fd, id)?;
         v.configure(&vm.kvm, cfg.vcpus, kernel.entry.0)?;
         vcpus.push(v);
     }
+    profile.mark("vcpus");
+    tracing::info!("VM built: {profile}");
     Ok(BuiltVm {
         vm,
         mem,

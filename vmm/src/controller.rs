@@ -17,6 +17,7 @@ use crate::builder::{
 };
 use crate::cleanup::{self, CleanupGuard};
 use crate::seccomp::{self, ThreadKind};
+use crate::vstate::startup::FirstRun;
 use crate::vstate::{ExitReason, VmExit};
 
 /// Optional chroot + privilege drop, entered after everything is opened.
@@ -136,10 +137,12 @@ impl Controller {
                 .map_err(|e| format!("cannot enter the jail: {e}"))?;
         }
         let want_seccomp = self.opts.seccomp;
+        let first_run = FirstRun::new(origin);
         let on_start: Arc<dyn Fn() -> Result<(), String> + Send + Sync> = Arc::new(move || {
             if want_seccomp {
                 seccomp::install(ThreadKind::Vcpu).map_err(|e| e.to_string())?;
             }
+            first_run.entering();
             Ok(())
         });
         let vcpus = vm.start(on_start).map_err(|e| e.to_string())?;

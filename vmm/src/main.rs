@@ -190,6 +190,20 @@ fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
     c.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A core dump of the VMM would hold the guest's secrets and fill the host's disk with its
+/// RAM; guest memory is MADV_DONTDUMP too, this covers everything else.
+fn forbid_core_dumps() -> std::io::Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     tracing_subscriber::fmt()
@@ -201,6 +215,10 @@ fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
+    if let Err(e) = forbid_core_dumps() {
+        tracing::error!("cannot set RLIMIT_CORE to 0: {e}");
+        return ExitCode::from(1);
+    }
     let code = match run(args, start) {
         Ok(code) => code,
         Err(e) => {

@@ -503,6 +503,7 @@ fn guest_memory_is_shared_with_no_other_process() {
     let s = connect_guest(&uds, 1024, Instant::now() + Duration::from_secs(90));
     let pid = child.id();
     let ram = smaps_of_mappings_sized(pid, 128 * 1024);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
     drop(s);
@@ -515,4 +516,14 @@ fn guest_memory_is_shared_with_no_other_process() {
     let (shared_kib, huge_kib) = ram[0];
     eprintln!("guest RAM: {shared_kib} KiB shared, {huge_kib} KiB in huge pages");
     assert_eq!(shared_kib, 0, "guest RAM shared with another process");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("no core limit in /proc/PID/limits");
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(
+        fields.get(4..6),
+        Some(&["0", "0"][..]),
+        "core dumps allowed: {core}"
+    );
 }

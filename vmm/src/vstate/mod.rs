@@ -1,6 +1,7 @@
 //! KVM objects: the VM (memory slots, irqchip, PIT) and its vCPUs, and the one-shot
 //! signal through which any thread ends the VM with a reason.
 pub mod memory;
+pub mod startup;
 pub mod vcpu;
 pub mod vm;
 

@@ -2,10 +2,11 @@
 //!
 //! The tap is opened with `IFF_VNET_HDR` and a 12-byte vnet header, which is exactly the
 //! VERSION_1 `virtio_net_hdr` (with `num_buffers`). So a frame crosses unchanged in both
-//! directions: the guest's header goes to the tap as is, and the tap's header goes to the
-//! guest with only `num_buffers` set to 1. No checksum or segmentation offload is offered
-//! to the guest nor enabled on the tap (TUNSETOFFLOAD 0), so every header is all zeros and
-//! every frame is complete.
+//! directions. No checksum or segmentation offload is offered to the guest nor enabled on
+//! the tap (TUNSETOFFLOAD 0), so every header is all zeros and every frame is complete: the
+//! tap's header goes to the guest with only `num_buffers` set to 1, and the guest's header is
+//! zeroed before it reaches the tap. A hostile guest would otherwise hand the host kernel GSO
+//! and checksum requests (`NEEDS_CSUM`, `gso_type`) for offloads nobody negotiated.
 //!
 //! RX only reads a frame from the tap once it holds a guest buffer to put it in, so frames
 //! wait in the tap's own queue while the guest has posted none. The tap is registered
@@ -337,9 +338,12 @@ impl Net {
                         );
                     } else if let Err(e) = reader.read_exact(&mut self.frame[..len]) {
                         warn!("virtio-net: cannot read TX frame from guest memory: {e}");
-                    } else if let Err(e) = (&self.tap.file).write(&self.frame[..len]) {
-                        // The tap has no room or the interface is down; like a NIC, drop.
-                        debug!("virtio-net: tap write failed, frame dropped: {e}");
+                    } else {
+                        sanitize_tx_header(&mut self.frame[..VNET_HDR_LEN]);
+                        if let Err(e) = (&self.tap.file).write(&self.frame[..len]) {
+                            // The tap has no room or the interface is down; like a NIC, drop.
+                            debug!("virtio-net: tap write failed, frame dropped: {e}");
+                        }
                     }
                 }
             }
@@ -487,6 +491,15 @@ impl MutEventSubscriber for Net {
             other => warn!("virtio-net: unexpected event {other}"),
         }
     }
+}
+
+/// Clears what the guest asked of the host in its TX header. Nothing was negotiated, so
+/// every request (checksum, segmentation, header length hints) is one the tap must not act on.
+fn sanitize_tx_header(hdr: &mut [u8]) {
+    if hdr.iter().any(|&b| b != 0) {
+        debug!("virtio-net: guest TX header {hdr:02x?} cleared: no offload was negotiated");
+    }
+    hdr.fill(0);
 }
 
 #[cfg(test)]
@@ -726,6 +739,31 @@ mod tests {
         assert_eq!(s.txq.used_idx(&s.mem), 1);
         assert_eq!(s.txq.used(&s.mem, 0), (u32::from(head), 0));
         assert_eq!(s.irq.evt.read().unwrap(), 1);
+        assert_eq!(s.sock.recv_ours().expect("frame not seen on the tap"), f);
+    }
+
+    /// A header asking for checksum offload and TCP segmentation, which were never
+    /// negotiated: the tap must get a plain frame (the host kernel refuses or acts on it
+    /// otherwise).
+    #[test]
+    fn tx_offload_requests_of_the_guest_are_cleared() {
+        let (mut net, mut s) = setup();
+        let f = frame(3, 100);
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+        hdr[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+        hdr[2..4].copy_from_slice(&14u16.to_le_bytes()); // hdr_len
+        hdr[4..6].copy_from_slice(&8u16.to_le_bytes()); // gso_size
+        hdr[6..8].copy_from_slice(&200u16.to_le_bytes()); // csum_start, past the frame
+        hdr[8..10].copy_from_slice(&0xfff0u16.to_le_bytes()); // csum_offset
+        s.mem.write_slice(&hdr, GuestAddress(BUF)).unwrap();
+        s.mem.write_slice(&f, GuestAddress(BUF + 0x1000)).unwrap();
+        s.txq.add(
+            &s.mem,
+            &[r(BUF, VNET_HDR_LEN as u32), r(BUF + 0x1000, f.len() as u32)],
+        );
+        net.process_tx();
+        assert_eq!(s.txq.used_idx(&s.mem), 1);
         assert_eq!(s.sock.recv_ours().expect("frame not seen on the tap"), f);
     }
 
