@@ -19,6 +19,7 @@ use crate::arch::layout::{self, FIRST_DEVICE_IRQ, LAST_IRQ, MMIO_DEVICES_START, 
 use crate::arch::{mptable, pvh};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::boot_timer::BootTime;
+use crate::devices::legacy::capped_log::{CappedLog, DEFAULT_CONSOLE_CAP};
 use crate::devices::legacy::{boot_timer, i8042, serial, BootTimer, SerialDevice, I8042};
 use crate::devices::virtio::mmio::{cmdline_entry, MmioTransport};
 use crate::devices::virtio::{block, fs, net, rng, vsock, GuestMemory, VirtioDevice};
@@ -179,13 +180,17 @@ fn serial_writer(out: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError
     Ok(match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(
-            OpenOptions::new()
+        // The guest decides how much it prints: the file keeps at most a fixed amount.
+        SerialOutput::File(p) => {
+            let what = || format!("serial output {}", p.display());
+            let file = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .read(true)
                 .open(p)
-                .map_err(|e| dev_err(format!("serial output {}", p.display()), e))?,
-        ),
+                .map_err(|e| dev_err(what(), e))?;
+            Box::new(CappedLog::new(file, DEFAULT_CONSOLE_CAP).map_err(|e| dev_err(what(), e))?)
+        }
     })
 }
 

@@ -379,6 +379,10 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
             // DRIVER_OK write is an MMIO exit): requests with fds out, replies in.
             allow!(SYS_sendmsg),
             allow!(SYS_recvmsg),
+            // The console log file is capped: when full, its newest half is read back and
+            // the file truncated (devices::legacy::capped_log). Serial output is a PIO exit.
+            allow!(SYS_pread64),
+            allow!(SYS_ftruncate),
         ]),
     }
     Ok(list)

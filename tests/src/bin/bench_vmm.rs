@@ -5,6 +5,11 @@
 //! Boot figure: from spawning the VMM process to the guest's "userspace reached" line on
 //! its serial console, the same measure for both VMMs (husk's own boot-timer port gives
 //! the same point, and is printed for reference). Runs alternate between the two VMMs.
+//!
+//! `--startup` measures only the VMM's own start-up, from process start to its first
+//! KVM_RUN, phase by phase (from husk-vmm's log), and kills the VM right there. It needs only
+//! a `/dev/kvm` that can create VMs, so it also runs on hosts where guests would be emulated
+//! (a PVM host), outside the lab.
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -151,12 +156,78 @@ fn stats(v: &mut [Duration]) -> (f64, f64, f64) {
     (ms(v[v.len() / 2]), ms(v[0]), ms(v[v.len() - 1]))
 }
 
+/// One start-up: (phase name, ms) in order, then ("first KVM_RUN", ms since VMM start).
+fn startup_once() -> Vec<(String, f64)> {
+    let mut c = husk_cmd("boot");
+    c.args(["--serial", "none"])
+        .env("HUSK_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn husk-vmm");
+    let err = child.stderr.take().unwrap();
+    let mut phases = Vec::new();
+    for line in BufReader::new(err).lines() {
+        let Ok(line) = line else { break };
+        if let Some((_, list)) = line.split_once("VM built: ") {
+            // "kvm 0.41 ms, memory 0.12 ms, ..."
+            for p in list.split(", ") {
+                let mut words: Vec<&str> = p.split(' ').collect();
+                if words.pop() != Some("ms") {
+                    continue;
+                }
+                if let Some(ms) = words.pop().and_then(|v| v.parse().ok()) {
+                    phases.push((words.join(" "), ms));
+                }
+            }
+        } else if let Some((_, rest)) = line.split_once("first KVM_RUN ") {
+            let ms = rest.split_whitespace().next().and_then(|v| v.parse().ok());
+            phases.push((
+                "first KVM_RUN".into(),
+                ms.expect("unparseable first KVM_RUN line"),
+            ));
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        phases.last().is_some_and(|(n, _)| n == "first KVM_RUN"),
+        "husk-vmm never reached KVM_RUN"
+    );
+    phases
+}
+
+fn startup_table(runs: usize) {
+    let all: Vec<_> = (0..runs).map(|_| startup_once()).collect();
+    println!("husk-vmm start-up on this host ({runs} runs, {MEM_MIB} MiB, medians)");
+    println!("| phase | median (ms) | min (ms) | max (ms) |");
+    println!("| --- | --- | --- | --- |");
+    for (i, (name, _)) in all[0].iter().enumerate() {
+        let mut v: Vec<Duration> = all
+            .iter()
+            .filter_map(|r| r.get(i))
+            .map(|(_, ms)| Duration::from_secs_f64(ms / 1000.0))
+            .collect();
+        let (m, lo, hi) = stats(&mut v);
+        let label = if name == "first KVM_RUN" {
+            "total: VMM start to first KVM_RUN"
+        } else {
+            name
+        };
+        println!("| {label} | {m:.2} | {lo:.2} | {hi:.2} |");
+    }
+}
+
 fn main() {
     let runs: usize = std::env::args()
         .skip_while(|a| a != "--runs")
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
+    if std::env::args().any(|a| a == "--startup") {
+        return startup_table(runs);
+    }
     husk_tests::require_kvm();
     let (mut husk, mut qemu) = (vec![], vec![]);
     for i in 0..runs {
