@@ -1,4 +1,5 @@
 //! Emulated devices: legacy PC pieces on the I/O bus and virtio devices on MMIO.
 pub mod bus;
+pub(crate) mod guest_warn;
 pub mod legacy;
 pub mod virtio;

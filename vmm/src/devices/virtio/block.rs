@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -30,6 +30,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice,
     TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
+use crate::devices::guest_warn::guest_warn;
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
@@ -157,7 +158,7 @@ impl Disk {
     fn handle_chain(&mut self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
         let descs: Vec<Descriptor> = chain.take(MAX_CHAIN_DESCS + 1).collect();
         let Some(status_addr) = status_addr(&descs) else {
-            warn!("virtio-blk: request without a writable status byte, dropped");
+            guest_warn!("virtio-blk: request without a writable status byte, dropped");
             return 0;
         };
         let (status, written) = match self.parse(mem, &descs).and_then(|r| self.execute(mem, &r)) {
@@ -167,14 +168,14 @@ impl Disk {
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
             Err(e) => {
-                warn!("virtio-blk: request failed: {e}");
+                guest_warn!("virtio-blk: request failed: {e}");
                 (VIRTIO_BLK_S_IOERR, 0)
             }
         };
         match mem.write_obj(status as u8, status_addr) {
             Ok(()) => written.saturating_add(1),
             Err(e) => {
-                warn!("virtio-blk: cannot write request status: {e}");
+                guest_warn!("virtio-blk: cannot write request status: {e}");
                 0
             }
         }
@@ -396,7 +397,7 @@ impl Block {
             let head = chain.head_index();
             let len = self.disk.handle_chain(&active.mem, chain);
             if let Err(e) = active.queue.add_used(&active.mem, head, len) {
-                warn!("virtio-blk: cannot return descriptor {head}: {e}");
+                guest_warn!("virtio-blk: cannot return descriptor {head}: {e}");
             }
             used_any = true;
         }
@@ -508,7 +509,7 @@ impl MutEventSubscriber for Block {
                 }
                 self.process_queue();
             }
-            other => warn!("virtio-blk: unexpected event {other}"),
+            other => guest_warn!("virtio-blk: unexpected event {other}"),
         }
     }
 }

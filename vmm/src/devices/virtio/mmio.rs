@@ -19,10 +19,12 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::devices::guest_warn::guest_warn;
 
 use super::{
     ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -217,8 +219,6 @@ pub struct MmioTransport {
     queue_evts: Vec<EventFd>,
     irq: IrqTrigger,
     config_generation: u32,
-    /// Guest-caused warnings so far, for rate limiting.
-    guest_warnings: u64,
 }
 
 impl MmioTransport {
@@ -257,7 +257,6 @@ impl MmioTransport {
             queue_evts,
             irq: IrqTrigger::new()?,
             config_generation: 0,
-            guest_warnings: 0,
         })
     }
 
@@ -284,14 +283,11 @@ impl MmioTransport {
         }
         let Ok(out) = <&mut [u8; 4]>::try_from(&mut *data) else {
             data.fill(0);
-            if self.should_warn() {
-                warn!(
-                    offset = format_args!("{offset:#x}"),
-                    len = data.len(),
-                    count = self.guest_warnings,
-                    "virtio-mmio: ignored register read that is not 32 bits wide"
-                );
-            }
+            guest_warn!(
+                offset = format_args!("{offset:#x}"),
+                len = data.len(),
+                "virtio-mmio: ignored register read that is not 32 bits wide"
+            );
             return;
         };
         let value = match offset {
@@ -308,13 +304,10 @@ impl MmioTransport {
             reg::STATUS => self.device_status,
             reg::CONFIG_GENERATION => self.config_generation,
             _ => {
-                if self.should_warn() {
-                    warn!(
-                        offset = format_args!("{offset:#x}"),
-                        count = self.guest_warnings,
-                        "virtio-mmio: read of an unknown or write-only register"
-                    );
-                }
+                guest_warn!(
+                    offset = format_args!("{offset:#x}"),
+                    "virtio-mmio: read of an unknown or write-only register"
+                );
                 0
             }
         };
@@ -328,14 +321,11 @@ impl MmioTransport {
             return;
         }
         let Ok(&bytes) = <&[u8; 4]>::try_from(data) else {
-            if self.should_warn() {
-                warn!(
-                    offset = format_args!("{offset:#x}"),
-                    len = data.len(),
-                    count = self.guest_warnings,
-                    "virtio-mmio: ignored register write that is not 32 bits wide"
-                );
-            }
+            guest_warn!(
+                offset = format_args!("{offset:#x}"),
+                len = data.len(),
+                "virtio-mmio: ignored register write that is not 32 bits wide"
+            );
             return;
         };
         let value = u32::from_le_bytes(bytes);
@@ -358,22 +348,12 @@ impl MmioTransport {
             reg::QUEUE_DEVICE_LOW => self.write_queue(offset, |q| set_low(&mut q.device, value)),
             reg::QUEUE_DEVICE_HIGH => self.write_queue(offset, |q| set_high(&mut q.device, value)),
             _ => {
-                if self.should_warn() {
-                    warn!(
-                        offset = format_args!("{offset:#x}"),
-                        count = self.guest_warnings,
-                        "virtio-mmio: write to an unknown or read-only register"
-                    );
-                }
+                guest_warn!(
+                    offset = format_args!("{offset:#x}"),
+                    "virtio-mmio: write to an unknown or read-only register"
+                );
             }
         }
-    }
-
-    /// Counts a guest-caused anomaly and says whether to log it: only the 1st, 2nd, 4th,
-    /// 8th, ... are, so a guest looping on bad accesses cannot flood the host's log.
-    fn should_warn(&mut self) -> bool {
-        self.guest_warnings = self.guest_warnings.saturating_add(1);
-        self.guest_warnings.is_power_of_two()
     }
 
     fn lock_device(&self) -> Option<MutexGuard<'_, dyn VirtioDevice + 'static>> {
@@ -405,14 +385,11 @@ impl MmioTransport {
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         let Some(config_offset) = Self::config_offset(offset, data.len()) else {
-            if self.should_warn() {
-                warn!(
-                    offset = format_args!("{offset:#x}"),
-                    len = data.len(),
-                    count = self.guest_warnings,
-                    "virtio-mmio: config read outside the window"
-                );
-            }
+            guest_warn!(
+                offset = format_args!("{offset:#x}"),
+                len = data.len(),
+                "virtio-mmio: config read outside the window"
+            );
             return;
         };
         if let Some(dev) = self.lock_device() {
@@ -422,25 +399,19 @@ impl MmioTransport {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let Some(config_offset) = Self::config_offset(offset, data.len()) else {
-            if self.should_warn() {
-                warn!(
-                    offset = format_args!("{offset:#x}"),
-                    len = data.len(),
-                    count = self.guest_warnings,
-                    "virtio-mmio: config write outside the window"
-                );
-            }
+            guest_warn!(
+                offset = format_args!("{offset:#x}"),
+                len = data.len(),
+                "virtio-mmio: config write outside the window"
+            );
             return;
         };
         // Only a driver that has claimed the device and not given up on it may change it.
         if self.device_status & (DRIVER | FAILED) != DRIVER {
-            if self.should_warn() {
-                warn!(
-                    status = format_args!("{:#x}", self.device_status),
-                    count = self.guest_warnings,
-                    "virtio-mmio: config write before DRIVER or after FAILED ignored"
-                );
-            }
+            guest_warn!(
+                status = format_args!("{:#x}", self.device_status),
+                "virtio-mmio: config write before DRIVER or after FAILED ignored"
+            );
             return;
         }
         let Some(mut dev) = self.lock_device() else {
@@ -455,13 +426,10 @@ impl MmioTransport {
     fn write_driver_features(&mut self, value: u32) {
         // Features are accepted between DRIVER and FEATURES_OK (spec 3.1.1 steps 4-5).
         if self.device_status != ACK_DRIVER {
-            if self.should_warn() {
-                warn!(
-                    status = format_args!("{:#x}", self.device_status),
-                    count = self.guest_warnings,
-                    "virtio-mmio: DriverFeatures write outside feature negotiation ignored"
-                );
-            }
+            guest_warn!(
+                status = format_args!("{:#x}", self.device_status),
+                "virtio-mmio: DriverFeatures write outside feature negotiation ignored"
+            );
             return;
         }
         match self.driver_features_sel {
@@ -488,16 +456,13 @@ impl MmioTransport {
         match queue {
             Some(q) if setup && !q.ready => update(q),
             _ => {
-                if self.should_warn() {
-                    warn!(
-                        offset = format_args!("{offset:#x}"),
-                        queue = sel,
-                        status = format_args!("{:#x}", self.device_status),
-                        count = self.guest_warnings,
-                        "virtio-mmio: queue register write ignored (no such queue, queue ready \
+                guest_warn!(
+                    offset = format_args!("{offset:#x}"),
+                    queue = sel,
+                    status = format_args!("{:#x}", self.device_status),
+                    "virtio-mmio: queue register write ignored (no such queue, queue ready \
                          or not in queue setup)"
-                    );
-                }
+                );
             }
         }
     }
@@ -512,14 +477,11 @@ impl MmioTransport {
         match queue {
             Some(q) if setup => q.ready = value == 1,
             _ => {
-                if self.should_warn() {
-                    warn!(
-                        queue = sel,
-                        status = format_args!("{:#x}", self.device_status),
-                        count = self.guest_warnings,
-                        "virtio-mmio: QueueReady write ignored"
-                    );
-                }
+                guest_warn!(
+                    queue = sel,
+                    status = format_args!("{:#x}", self.device_status),
+                    "virtio-mmio: QueueReady write ignored"
+                );
             }
         }
     }
@@ -537,13 +499,10 @@ impl MmioTransport {
                 }
             }
             None => {
-                if self.should_warn() {
-                    warn!(
-                        queue = value,
-                        count = self.guest_warnings,
-                        "virtio-mmio: notify for a queue that does not exist"
-                    );
-                }
+                guest_warn!(
+                    queue = value,
+                    "virtio-mmio: notify for a queue that does not exist"
+                );
             }
         }
     }
@@ -570,14 +529,11 @@ impl MmioTransport {
         }
         if value & current != current {
             // Only a reset may clear bits.
-            if self.should_warn() {
-                warn!(
-                    current = format_args!("{current:#x}"),
-                    written = format_args!("{value:#x}"),
-                    count = self.guest_warnings,
-                    "virtio-mmio: status write clearing bits ignored"
-                );
-            }
+            guest_warn!(
+                current = format_args!("{current:#x}"),
+                written = format_args!("{value:#x}"),
+                "virtio-mmio: status write clearing bits ignored"
+            );
             return;
         }
         let added = value & !current;
@@ -586,14 +542,11 @@ impl MmioTransport {
             (ACK_DRIVER, FEATURES_OK) => self.features_ok(),
             (ACK_DRIVER_FEATURES, DRIVER_OK) => self.driver_ok(),
             _ => {
-                if self.should_warn() {
-                    warn!(
-                        current = format_args!("{current:#x}"),
-                        written = format_args!("{value:#x}"),
-                        count = self.guest_warnings,
-                        "virtio-mmio: invalid status transition ignored"
-                    );
-                }
+                guest_warn!(
+                    current = format_args!("{current:#x}"),
+                    written = format_args!("{value:#x}"),
+                    "virtio-mmio: invalid status transition ignored"
+                );
             }
         }
     }
@@ -616,13 +569,10 @@ impl MmioTransport {
         match refusal {
             None => self.device_status |= FEATURES_OK,
             Some(reason) => {
-                if self.should_warn() {
-                    warn!(
-                        acked = format_args!("{acked:#x}"),
-                        count = self.guest_warnings,
-                        "virtio-mmio: FEATURES_OK refused: {reason}"
-                    );
-                }
+                guest_warn!(
+                    acked = format_args!("{acked:#x}"),
+                    "virtio-mmio: FEATURES_OK refused: {reason}"
+                );
             }
         }
     }
@@ -698,7 +648,7 @@ impl MmioTransport {
         if !stopped {
             // The device still owns the old queues; keep DRIVER_OK so nothing can be set
             // up or activated over them. Another reset attempt retries.
-            warn!(
+            guest_warn!(
                 device_type = self.device_type,
                 "virtio-mmio: device cannot be reset"
             );

@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
@@ -31,6 +31,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice, TYPE_NET,
     VIRTIO_F_VERSION_1,
 };
+use crate::devices::guest_warn::guest_warn;
 
 pub const RX_INDEX: usize = 0;
 pub const TX_INDEX: usize = 1;
@@ -269,9 +270,9 @@ impl Net {
                 Ok(w) if w.available_bytes() >= VNET_HDR_LEN => w,
                 // No frame will ever fit: give the buffer back rather than hold up RX.
                 Ok(_) | Err(_) => {
-                    warn!("virtio-net: unusable RX buffer {head} returned empty");
+                    guest_warn!("virtio-net: unusable RX buffer {head} returned empty");
                     if let Err(e) = a.rx.add_used(&a.mem, head, 0) {
-                        warn!("virtio-net: cannot return RX descriptor {head}: {e}");
+                        guest_warn!("virtio-net: cannot return RX descriptor {head}: {e}");
                     }
                     used_any = true;
                     continue;
@@ -283,13 +284,13 @@ impl Net {
                     // The buffer stays available for the next frame.
                     a.rx.go_to_previous_position();
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        warn!("virtio-net: tap read failed: {e}");
+                        guest_warn!("virtio-net: tap read failed: {e}");
                     }
                     break;
                 }
             };
             if len < VNET_HDR_LEN || len > writer.available_bytes() {
-                warn!(
+                guest_warn!(
                     "virtio-net: dropped a {len}-byte RX frame: buffer {head} holds {}",
                     writer.available_bytes()
                 );
@@ -302,12 +303,12 @@ impl Net {
             let used_len = match writer.write_all(&self.frame[..len]) {
                 Ok(()) => len as u32,
                 Err(e) => {
-                    warn!("virtio-net: cannot write RX frame to guest memory: {e}");
+                    guest_warn!("virtio-net: cannot write RX frame to guest memory: {e}");
                     0
                 }
             };
             if let Err(e) = a.rx.add_used(&a.mem, head, used_len) {
-                warn!("virtio-net: cannot return RX descriptor {head}: {e}");
+                guest_warn!("virtio-net: cannot return RX descriptor {head}: {e}");
             }
             used_any = true;
         }
@@ -327,17 +328,19 @@ impl Net {
         while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
             match chain.reader(&a.mem) {
-                Err(e) => warn!("virtio-net: bad TX chain {head}: {e}"),
+                Err(e) => guest_warn!("virtio-net: bad TX chain {head}: {e}"),
                 Ok(mut reader) => {
                     let len = reader.available_bytes();
                     if len > MAX_FRAME_LEN {
-                        warn!("virtio-net: dropped a {len}-byte TX frame (max {MAX_FRAME_LEN})");
+                        guest_warn!(
+                            "virtio-net: dropped a {len}-byte TX frame (max {MAX_FRAME_LEN})"
+                        );
                     } else if len <= VNET_HDR_LEN {
-                        warn!(
+                        guest_warn!(
                             "virtio-net: dropped a {len}-byte TX chain: no frame after the header"
                         );
                     } else if let Err(e) = reader.read_exact(&mut self.frame[..len]) {
-                        warn!("virtio-net: cannot read TX frame from guest memory: {e}");
+                        guest_warn!("virtio-net: cannot read TX frame from guest memory: {e}");
                     } else {
                         sanitize_tx_header(&mut self.frame[..VNET_HDR_LEN]);
                         if let Err(e) = (&self.tap.file).write(&self.frame[..len]) {
@@ -348,7 +351,7 @@ impl Net {
                 }
             }
             if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
-                warn!("virtio-net: cannot return TX descriptor {head}: {e}");
+                guest_warn!("virtio-net: cannot return TX descriptor {head}: {e}");
             }
             used_any = true;
         }
@@ -484,11 +487,11 @@ impl MutEventSubscriber for Net {
             EV_TAP => {
                 let set = events.event_set();
                 if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
-                    warn!("virtio-net: tap {} reports {set:?}", self.tap.name);
+                    guest_warn!("virtio-net: tap {} reports {set:?}", self.tap.name);
                 }
                 self.process_rx();
             }
-            other => warn!("virtio-net: unexpected event {other}"),
+            other => guest_warn!("virtio-net: unexpected event {other}"),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{
     ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
+use crate::devices::guest_warn::guest_warn;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out for one request; the rest of a larger chain stays untouched.
@@ -66,7 +67,7 @@ fn fill_chain(source: &mut File, mem: &GuestMemory, chain: DescriptorChain<&Gues
         match mem.read_exact_volatile_from(desc.addr(), source, n as usize) {
             Ok(()) => written += n,
             Err(e) => {
-                warn!(
+                guest_warn!(
                     "virtio-rng: cannot fill buffer at {:#x}: {e}",
                     desc.addr().0
                 );
@@ -96,7 +97,7 @@ impl Rng {
             let head = chain.head_index();
             let len = fill_chain(&mut self.source, &active.mem, chain);
             if let Err(e) = active.queue.add_used(&active.mem, head, len) {
-                warn!("virtio-rng: cannot return descriptor {head}: {e}");
+                guest_warn!("virtio-rng: cannot return descriptor {head}: {e}");
             }
             used_any = true;
         }
@@ -208,7 +209,7 @@ impl MutEventSubscriber for Rng {
                 }
                 self.process_queue();
             }
-            other => warn!("virtio-rng: unexpected event {other}"),
+            other => guest_warn!("virtio-rng: unexpected event {other}"),
         }
     }
 }

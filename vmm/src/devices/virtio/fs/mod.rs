@@ -38,6 +38,8 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::guest_warn::guest_warn;
+
 use super::{
     read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, Queue, QueueT,
     VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -129,7 +131,7 @@ pub fn virtiofsd_path() -> Option<PathBuf> {
         if is_executable(&path) {
             return Some(path);
         }
-        tracing::warn!(
+        guest_warn!(
             "HUSK_VIRTIOFSD={} is not an executable file; looking elsewhere",
             path.display()
         );
@@ -462,7 +464,7 @@ impl Fs {
         );
         // Level-triggered: a hung-up socket stays readable-for-hang-up forever.
         if let Err(e) = ops.remove(Events::new(&self.sock, set)) {
-            tracing::warn!("virtio-fs: cannot stop watching the vhost-user socket: {e}");
+            guest_warn!("virtio-fs: cannot stop watching the vhost-user socket: {e}");
         }
     }
 }
@@ -777,7 +779,7 @@ impl MutEventSubscriber for Fs {
             }
             SOCKET_TOKEN => self.on_socket_event(events.event_set(), ops),
             index if (index as usize) < self.call_evts.len() => self.on_call(index as usize),
-            other => tracing::warn!("virtio-fs: event for unknown token {other}"),
+            other => guest_warn!("virtio-fs: event for unknown token {other}"),
         }
     }
 

@@ -19,12 +19,13 @@ use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::debug;
 use vmm_sys_util::epoll::EventSet;
 
 use super::host_sock::send_nosignal;
 use super::packet::*;
 use super::HOST_CID;
+use crate::devices::guest_warn::guest_warn;
 
 /// The receive buffer we advertise to the guest for each stream (guest → host bytes).
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
@@ -295,7 +296,7 @@ impl Connection {
             OP_RST => self.kill(false),
             op => {
                 // REQUEST on a live stream, RESPONSE or RW out of state, unknown ops.
-                warn!(
+                guest_warn!(
                     op,
                     state = ?self.state,
                     guest_port = self.peer_port,
@@ -309,7 +310,7 @@ impl Connection {
 
     fn on_guest_data(&mut self, data: &[u8]) {
         if self.peer_shutdown & SHUTDOWN_F_SEND != 0 {
-            warn!(
+            guest_warn!(
                 port = self.local_port,
                 "vsock: guest sent data after shutting down sending"
             );
@@ -320,7 +321,7 @@ impl Connection {
             return;
         }
         if self.tx_buffered() + data.len() > CONN_BUF_ALLOC as usize {
-            warn!(
+            guest_warn!(
                 port = self.local_port,
                 buffered = self.tx_buffered(),
                 len = data.len(),

@@ -6,7 +6,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use tracing::{error, warn};
+use tracing::error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -15,6 +15,7 @@ use super::packet::{
     read_tx_packet, write_rx_packet, HDR_SIZE, MAX_PKT_PAYLOAD, OP_RST, TYPE_STREAM,
 };
 use super::{VsockError, HOST_CID};
+use crate::devices::guest_warn::guest_warn;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice,
     TYPE_VSOCK, VIRTIO_F_VERSION_1,
@@ -98,7 +99,7 @@ impl Vsock {
     fn sync_registrations(&mut self, ops: &mut EventOps) {
         for evt in self.retired_evts.drain(..) {
             if let Err(e) = ops.remove(Events::empty(&evt)) {
-                warn!("vsock: cannot unregister queue event: {e}");
+                guest_warn!("vsock: cannot unregister queue event: {e}");
             }
         }
         let Some(active) = &self.active else {
@@ -139,7 +140,7 @@ impl Vsock {
             match read_tx_packet(mem, chain) {
                 Ok((hdr, data)) => self.muxer.send_pkt(&hdr, &data),
                 Err(e) => {
-                    warn!("vsock: bad TX packet: {e}");
+                    guest_warn!("vsock: bad TX packet: {e}");
                     if let VsockError::PayloadTooLarge { hdr, .. }
                     | VsockError::PayloadTruncated { hdr, .. } = &e
                     {
@@ -182,11 +183,11 @@ impl Vsock {
             let head = chain.head_index();
             let len = match chain.writer(mem) {
                 Err(e) => {
-                    warn!("vsock: unusable RX buffer: {e}");
+                    guest_warn!("vsock: unusable RX buffer: {e}");
                     0
                 }
                 Ok(w) if w.available_bytes() < HDR_SIZE => {
-                    warn!(
+                    guest_warn!(
                         len = w.available_bytes(),
                         "vsock: RX buffer smaller than a packet header"
                     );
@@ -202,7 +203,7 @@ impl Vsock {
                     match write_rx_packet(&mut w, &pkt) {
                         Ok(n) => n,
                         Err(e) => {
-                            warn!("vsock: writing RX packet: {e}");
+                            guest_warn!("vsock: writing RX packet: {e}");
                             0
                         }
                     }
@@ -319,7 +320,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
+        guest_warn!(
             offset,
             len = data.len(),
             "vsock: guest wrote read-only config space, ignored"
@@ -365,7 +366,7 @@ impl VirtioDevice for Vsock {
         if !self.retired_evts.is_empty() {
             if let Err(e) = self.activate_evt.write(1) {
                 // The stale registrations then go at the next activation.
-                warn!("vsock: cannot signal reset to the event loop: {e}");
+                guest_warn!("vsock: cannot signal reset to the event loop: {e}");
             }
         }
         true
@@ -408,7 +409,7 @@ impl MutEventSubscriber for Vsock {
         {
             let evt = self.retired_evts.swap_remove(pos);
             if let Err(e) = ops.remove(Events::empty(&evt)) {
-                warn!("vsock: cannot unregister queue event: {e}");
+                guest_warn!("vsock: cannot unregister queue event: {e}");
             }
             return;
         }
@@ -421,7 +422,7 @@ impl MutEventSubscriber for Vsock {
             EV_TXQ => self.process_queue_event(TXQ),
             EV_EVQ => self.process_queue_event(EVQ),
             EV_BACKEND => self.process_backend(),
-            other => warn!(other, "vsock: event from an unknown source"),
+            other => guest_warn!(other, "vsock: event from an unknown source"),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::debug;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -24,6 +24,7 @@ use super::connection::{Connection, CONN_BUF_ALLOC};
 use super::host_sock::connect_nonblocking;
 use super::packet::*;
 use super::HOST_CID;
+use crate::devices::guest_warn::guest_warn;
 
 /// Streams plus half-open host clients, so a flood of either cannot exhaust our fds.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -182,7 +183,7 @@ impl VsockMuxer {
             EpollEvent::new(ev, TOKEN_LISTENER),
         ) {
             Ok(()) => self.listening = on,
-            Err(e) => warn!("vsock: cannot (un)watch the listener: {e}"),
+            Err(e) => guest_warn!("vsock: cannot (un)watch the listener: {e}"),
         }
     }
 
@@ -209,7 +210,7 @@ impl VsockMuxer {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
             Err(e) => {
-                warn!("vsock: epoll wait: {e}");
+                guest_warn!("vsock: epoll wait: {e}");
                 0
             }
         };
@@ -246,17 +247,17 @@ impl VsockMuxer {
                 Err(e) => {
                     // Typically EMFILE: stop watching until a stream closes, or the
                     // level-triggered listener would spin the event loop.
-                    warn!("vsock: accept on {}: {e}", self.uds_path.display());
+                    guest_warn!("vsock: accept on {}: {e}", self.uds_path.display());
                     self.listen(false);
                     return;
                 }
             };
             if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS {
-                warn!("vsock: too many streams, refusing host client");
+                guest_warn!("vsock: too many streams, refusing host client");
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                warn!("vsock: host client: {e}");
+                guest_warn!("vsock: host client: {e}");
                 continue;
             }
             let token = self.new_token();
@@ -265,7 +266,7 @@ impl VsockMuxer {
                 stream.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, token),
             ) {
-                warn!("vsock: cannot watch host client: {e}");
+                guest_warn!("vsock: cannot watch host client: {e}");
                 continue;
             }
             self.owners.insert(token, Owner::Pending);
@@ -403,7 +404,7 @@ impl VsockMuxer {
 
     fn guest_connect(&mut self, key: ConnKey, hdr: &VsockHeader) {
         if self.conns.len() + self.pending.len() >= MAX_CONNECTIONS {
-            warn!("vsock: too many streams, refusing guest connect");
+            guest_warn!("vsock: too many streams, refusing guest connect");
             self.push_rst_reply(hdr);
             return;
         }
@@ -435,7 +436,7 @@ impl VsockMuxer {
             conn.stream().as_raw_fd(),
             EpollEvent::new(EventSet::empty(), token),
         ) {
-            warn!("vsock: cannot watch host stream: {e}");
+            guest_warn!("vsock: cannot watch host stream: {e}");
             self.push_rst_reply(hdr);
             return;
         }
@@ -472,7 +473,7 @@ impl VsockMuxer {
                 ) {
                     Ok(()) => conn.polled = Some(want),
                     Err(e) => {
-                        warn!("vsock: cannot update host stream interest: {e}");
+                        guest_warn!("vsock: cannot update host stream interest: {e}");
                         self.kill(key, true);
                         return;
                     }
@@ -609,7 +610,7 @@ impl VsockMuxer {
                 self.timer_deadline = next;
                 self.timer_fired = false;
             }
-            Err(e) => warn!("vsock: cannot arm the timeout timer: {e}"),
+            Err(e) => guest_warn!("vsock: cannot arm the timeout timer: {e}"),
         }
     }
 }
