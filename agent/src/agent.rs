@@ -25,6 +25,9 @@ use husk_proto::agent as pb;
 const DEFAULT_KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often container cgroups are checked for OOM kills.
 const OOM_POLL: Duration = Duration::from_millis(200);
+/// How long a terminal container gets to hand over its pty master (libcontainer does it
+/// during creation, long before the process runs).
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The agent: one sandbox and its containers.
 pub struct Agent {
@@ -324,7 +327,7 @@ impl Agent {
             let req = make_req(Some(console.path()));
             // Accept while the helper runs: the container connects during creation.
             let c2 = console.clone();
-            let master = tokio::task::spawn_blocking(move || c2.receive_master());
+            let master = tokio::task::spawn_blocking(move || c2.receive_master(CONSOLE_TIMEOUT));
             let pid = match self.runtime.run(&req, None).await {
                 Ok(pid) => pid,
                 Err(e) => {

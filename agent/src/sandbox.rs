@@ -44,6 +44,24 @@ pub async fn create(
         mounted_shares: Vec::new(),
         first: None,
     };
+    // Whatever was set up before a step failed is undone: a failed CreateSandbox must not
+    // leave shares mounted or a namespace behind for the next attempt to trip over.
+    match set_up(cfg, runtime, req, &mut sb).await {
+        Ok(()) => Ok(sb),
+        Err(e) => {
+            destroy(&sb);
+            Err(e)
+        }
+    }
+}
+
+async fn set_up(
+    cfg: &Config,
+    runtime: &Runtime,
+    req: &pb::CreateSandboxRequest,
+    sb: &mut Sandbox,
+) -> Result<()> {
+    let dir = cfg.sandbox_dir();
     if req.hostname.len() > 64 || req.hostname.contains('/') {
         return Err(AgentError::InvalidArgument(format!(
             "hostname {:?} is not a valid hostname (at most 64 characters, no '/')",
@@ -107,7 +125,7 @@ pub async fn create(
             }
         }
     }
-    Ok(sb)
+    Ok(())
 }
 
 /// Undoes [`create`] (containers must be gone already).

@@ -67,6 +67,27 @@ fn is_bind(m: &Mount) -> bool {
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
+/// Filesystems a container may mount itself besides binds from a share: kernel pseudo
+/// filesystems and memory-backed ones, none of which can reach the guest's own files.
+/// Anything else (overlay with `lowerdir=/`, ext4 on a guest disk, virtiofs with another
+/// tag) could expose what no share granted.
+const PSEUDO_FILESYSTEMS: &[&str] = &[
+    "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
+];
+
+fn check_mount_type(destination: &str, typ: Option<&str>) -> Result<()> {
+    match typ {
+        Some(t) if PSEUDO_FILESYSTEMS.contains(&t) => Ok(()),
+        Some(t) => Err(AgentError::InvalidArgument(format!(
+            "mount on {destination}: type {t:?} is not allowed in a pod VM (bind mounts from a share, or one of {})",
+            PSEUDO_FILESYSTEMS.join(", ")
+        ))),
+        None => Err(AgentError::InvalidArgument(format!(
+            "mount on {destination} has no type and is not a bind mount"
+        ))),
+    }
+}
+
 fn check_destination(dest: &str) -> Result<()> {
     let p = Path::new(dest);
     if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
@@ -112,17 +133,20 @@ pub fn prepare(
 
     // Mounts: bind sources must come from a share; then the extra mounts.
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    for m in &mounts {
-        check_destination(&m.destination().to_string_lossy())?;
-        if is_bind(m) {
-            let src = m.source().as_ref().ok_or_else(|| {
-                AgentError::InvalidArgument(format!(
-                    "bind mount on {} has no source",
-                    m.destination().display()
-                ))
-            })?;
-            ids::check_inside(sb.share_root, src, "bind mount source")?;
+    for m in &mut mounts {
+        let dest = m.destination().to_string_lossy().into_owned();
+        check_destination(&dest)?;
+        if !is_bind(m) {
+            check_mount_type(&dest, m.typ().as_deref())?;
+            continue;
         }
+        let src = m.source().as_ref().ok_or_else(|| {
+            AgentError::InvalidArgument(format!("bind mount on {dest} has no source"))
+        })?;
+        // Mount what was checked, not the path again: a symlink along it could be changed
+        // to point outside the shares between the check and the mount.
+        let resolved = ids::check_inside(sb.share_root, src, "bind mount source")?;
+        m.set_source(Some(resolved));
     }
     for em in extra_mounts {
         mounts.push(extra_mount(em, sb.share_root)?);
@@ -337,6 +361,9 @@ fn extra_mount(em: &pb::Mount, share_root: &Path) -> Result<Mount> {
         em.type_.as_str()
     };
     let bind = typ == "bind" || em.options.iter().any(|o| o == "bind" || o == "rbind");
+    if !bind {
+        check_mount_type(&em.destination, Some(typ))?;
+    }
     let source = if bind {
         if em.share_tag.is_empty() {
             return Err(AgentError::InvalidArgument(format!(
@@ -407,7 +434,71 @@ fn has_cap_sys_resource() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::exists_in_root;
+    use super::*;
+
+    fn spec_with_mounts(mounts: serde_json::Value) -> Spec {
+        let json = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "mounts": mounts,
+        });
+        parse_spec(json.to_string().as_bytes()).unwrap()
+    }
+
+    fn prepare_in(share_root: &Path, spec: &mut Spec) -> Result<()> {
+        let rootfs = share_root.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::write(rootfs.join("bin/true"), "").unwrap();
+        let view = SandboxView {
+            sandbox_id: "sb",
+            hostname: "",
+            resolv_conf: None,
+            netns: None,
+            first_init_pid: None,
+            shared_pid: false,
+            share_root,
+        };
+        prepare(spec, "c1", &rootfs, &[], &view)
+    }
+
+    #[test]
+    fn mounts_that_could_reach_guest_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        for (typ, src, opts) in [
+            ("overlay", "overlay", vec!["lowerdir=/"]),
+            ("ext4", "/dev/vda", vec![]),
+            ("virtiofs", "husk-embedded", vec![]),
+        ] {
+            let mut spec = spec_with_mounts(serde_json::json!([
+                {"destination": "/x", "type": typ, "source": src, "options": opts}
+            ]));
+            let err = prepare_in(d.path(), &mut spec).unwrap_err().to_string();
+            assert!(err.contains("not allowed"), "{typ}: {err}");
+        }
+        let mut ok = spec_with_mounts(serde_json::json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"}
+        ]));
+        prepare_in(d.path(), &mut ok).unwrap();
+    }
+
+    #[test]
+    fn a_bind_mounts_the_path_that_was_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let share = d.path().join("tag");
+        std::fs::create_dir_all(share.join("data")).unwrap();
+        std::os::unix::fs::symlink("data", share.join("link")).unwrap();
+        let mut spec = spec_with_mounts(serde_json::json!([
+            {"destination": "/v", "type": "bind", "source": share.join("link"), "options": ["rbind"]}
+        ]));
+        prepare_in(d.path(), &mut spec).unwrap();
+        let m = &spec.mounts().as_ref().unwrap()[0];
+        assert_eq!(
+            m.source().as_deref(),
+            Some(share.join("data").canonicalize().unwrap().as_path())
+        );
+    }
 
     #[test]
     fn exists_in_root_resolves_symlinks_inside_the_root() {

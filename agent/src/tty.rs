@@ -2,11 +2,12 @@
 //! it over a "console socket", as runc does) and resize it.
 
 use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
 use crate::error::{AgentError, Result};
@@ -34,8 +35,21 @@ impl ConsoleSocket {
         &self.path
     }
 
-    /// Waits (blocking, up to 10 s) for the container to connect and send the pty master.
-    pub fn receive_master(&self) -> Result<OwnedFd> {
+    /// Waits (blocking, up to `timeout` for each step) for the container to connect and
+    /// send the pty master. A container that dies before connecting must not leave this
+    /// thread blocked in accept forever.
+    pub fn receive_master(&self, timeout: Duration) -> Result<OwnedFd> {
+        let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => {
+                return Err(AgentError::Internal(format!(
+                    "the container did not connect to its console socket within {timeout:?}"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(AgentError::internal("poll on console socket", e)),
+        }
         self.listener
             .set_nonblocking(false)
             .map_err(|e| AgentError::internal("console socket", e))?;
@@ -44,7 +58,7 @@ impl ConsoleSocket {
             .accept()
             .map_err(|e| AgentError::internal("accept on console socket", e))?;
         stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(timeout))
             .map_err(|e| AgentError::internal("console socket", e))?;
         let mut name = [0u8; 4096];
         let mut iov = [IoSliceMut::new(&mut name)];
@@ -97,4 +111,22 @@ pub fn resize(master: &OwnedFd, rows: u16, cols: u16) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_container_that_never_connects_is_an_error_not_a_hang() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = ConsoleSocket::bind(&d.path().join("c.sock")).unwrap();
+        let started = std::time::Instant::now();
+        let err = sock
+            .receive_master(Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not connect"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 }
