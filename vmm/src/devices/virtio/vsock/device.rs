@@ -1,8 +1,8 @@
 //! The virtio-vsock device: feature and config space, queues, and event-loop wiring.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -10,6 +10,7 @@ use tracing::error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::host_sock::connect_nonblocking;
 use super::muxer::VsockMuxer;
 use super::packet::{
     read_tx_packet, write_rx_packet, HDR_SIZE, MAX_PKT_PAYLOAD, OP_RST, TYPE_STREAM,
@@ -275,9 +276,12 @@ fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
         if !meta.file_type().is_socket() {
             return Err(VsockError::NotASocket(path.to_path_buf()));
         }
-        // A socket file with nobody behind it is what a crashed VMM leaves.
-        if UnixStream::connect(path).is_ok() {
-            return Err(VsockError::AddressInUse(path.to_path_buf()));
+        // A socket file with nobody behind it is what a crashed VMM leaves. Never a blocking
+        // connect: a live listener with a full backlog would hang us; that is in use too.
+        match connect_nonblocking(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Err(VsockError::AddressInUse(path.to_path_buf())),
         }
         std::fs::remove_file(path).map_err(|source| VsockError::RemoveStale {
             path: path.to_path_buf(),
@@ -287,6 +291,13 @@ fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
     let listener = UnixListener::bind(path).map_err(|source| VsockError::Bind {
         path: path.to_path_buf(),
         source,
+    })?;
+    // Whoever can connect can talk to any guest port: the VMM's owner only.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        VsockError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     listener
         .set_nonblocking(true)

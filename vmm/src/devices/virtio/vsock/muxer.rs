@@ -8,7 +8,7 @@
 //! Epoll entries carry a token rather than the fd, so an event that was already fetched for a
 //! stream we then closed can never be delivered to a new stream that reused the fd number.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
@@ -79,7 +79,10 @@ pub struct VsockMuxer {
     owners: HashMap<u64, Owner>,
     conns: HashMap<ConnKey, Connection>,
     pending: HashMap<u64, HostPending>,
-    host_ports: HashSet<u32>,
+    /// Streams per host-side port, whichever side opened them: a port the guest connected
+    /// to is never handed to a host client, so two streams never share a key (a new one
+    /// would silently replace the old in `conns`, leaking its fd and epoll entry).
+    local_ports: HashMap<u32, usize>,
     next_host_port: u32,
     /// Streams with something for the guest, served round robin.
     rx_ready: VecDeque<ConnKey>,
@@ -110,7 +113,7 @@ impl VsockMuxer {
             owners: HashMap::new(),
             conns: HashMap::new(),
             pending: HashMap::new(),
-            host_ports: HashSet::new(),
+            local_ports: HashMap::new(),
             next_host_port: FIRST_HOST_PORT,
             rx_ready: VecDeque::new(),
             ctrl: VecDeque::new(),
@@ -160,7 +163,7 @@ impl VsockMuxer {
             );
         }
         self.owners.clear();
-        self.host_ports.clear();
+        self.local_ports.clear();
         self.rx_ready.clear();
         self.ctrl.clear();
         self.timer_deadline = None;
@@ -336,7 +339,7 @@ impl VsockMuxer {
         // Still registered under `token` with IN; `refresh` sets the stream's interest.
         conn.polled = Some(EventSet::IN);
         self.owners.insert(token, Owner::Conn(key));
-        self.host_ports.insert(local_port);
+        *self.local_ports.entry(local_port).or_default() += 1;
         self.conns.insert(key, conn);
         self.refresh(key);
     }
@@ -346,7 +349,7 @@ impl VsockMuxer {
             let p = self.next_host_port;
             self.next_host_port = p.checked_add(1).unwrap_or(FIRST_HOST_PORT);
             // At most MAX_CONNECTIONS are taken, so this ends.
-            if !self.host_ports.contains(&p) {
+            if !self.local_ports.contains_key(&p) {
                 return p;
             }
         }
@@ -442,6 +445,7 @@ impl VsockMuxer {
         }
         conn.polled = Some(EventSet::empty());
         self.owners.insert(token, Owner::Conn(key));
+        *self.local_ports.entry(key.local_port).or_default() += 1;
         self.conns.insert(key, conn);
         self.refresh(key);
     }
@@ -507,7 +511,12 @@ impl VsockMuxer {
             );
         }
         self.owners.remove(&conn.token);
-        self.host_ports.remove(&key.local_port);
+        if let Some(n) = self.local_ports.get_mut(&key.local_port) {
+            *n -= 1;
+            if *n == 0 {
+                self.local_ports.remove(&key.local_port);
+            }
+        }
         if rst {
             self.ctrl.push_back(VsockHeader {
                 src_cid: HOST_CID,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -528,6 +529,8 @@ fn construction_checks_cid_and_socket_path() {
 
     let dev = Vsock::new(3, &path).unwrap();
     assert_eq!(dev.uds_path(), path);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the vsock socket is open to others: {mode:o}");
     // A live listener is never taken over.
     assert!(matches!(
         Vsock::new(4, &path),
@@ -543,6 +546,20 @@ fn construction_checks_cid_and_socket_path() {
     let dev = Vsock::new(3, &path).unwrap();
     assert!(UnixStream::connect(&path).is_ok());
     drop(dev);
+
+    // A live listener whose backlog is full is in use, and finding that out never blocks.
+    let busy = UnixListener::bind(&path).unwrap();
+    let mut queued = Vec::new();
+    while let Ok(c) = super::host_sock::connect_nonblocking(&path) {
+        queued.push(c);
+        assert!(queued.len() < 100_000, "the backlog never filled");
+    }
+    assert!(matches!(
+        Vsock::new(3, &path),
+        Err(VsockError::AddressInUse(_))
+    ));
+    drop((busy, queued));
+    std::fs::remove_file(&path).unwrap();
 
     // Anything else is left alone.
     std::fs::write(&path, b"precious").unwrap();
@@ -720,6 +737,21 @@ fn guest_initiated_stream_reaches_the_port_listener() {
     srv.write_all(b"still here").unwrap();
     h.pump();
     assert_eq!(data_of(&h.take_rx()), b"still here");
+}
+
+/// A guest stream to the host port the next host client would get must not be replaced by
+/// that client's stream (same key): both live, on different host ports.
+#[test]
+fn host_ports_never_collide_with_guest_streams() {
+    let mut h = Harness::new();
+    h.give_rx(16, 4096);
+    let first_host_port = 1u32 << 30;
+    let _listener = UnixListener::bind(format!("{}_{first_host_port}", h.uds().display())).unwrap();
+    h.send(ghdr(3000, first_host_port, OP_REQUEST), &[]);
+    assert_eq!(h.take_rx()[0].hdr.op, OP_RESPONSE);
+    let (_client, host_port) = h.open_host_stream(3000, 4096);
+    assert_ne!(host_port, first_host_port);
+    assert_eq!(h.dev().muxer().conn_count(), 2);
 }
 
 #[test]
