@@ -1,7 +1,7 @@
 //! The virtio-vsock device: feature and config space, queues, and event-loop wiring.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -288,16 +288,17 @@ fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
             source,
         })?;
     }
-    let listener = UnixListener::bind(path).map_err(|source| VsockError::Bind {
+    // Whoever can connect can talk to any guest port: the VMM's owner only. The mode is set
+    // at creation (a chmod afterwards leaves a window, and fails on some filesystems); the
+    // umask is per process, and the VM is built before any thread that creates files.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.map_err(|source| VsockError::Bind {
         path: path.to_path_buf(),
         source,
-    })?;
-    // Whoever can connect can talk to any guest port: the VMM's owner only.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        VsockError::Bind {
-            path: path.to_path_buf(),
-            source,
-        }
     })?;
     listener
         .set_nonblocking(true)
