@@ -527,3 +527,29 @@ fn guest_memory_is_shared_with_no_other_process() {
         "core dumps allowed: {core}"
     );
 }
+
+/// A vCPU thread that panics (this test binary is a debug build: panics unwind) ends the VM
+/// with a vCPU error instead of leaving it running without that vCPU.
+#[test]
+fn a_panicking_vcpu_thread_ends_the_vm() {
+    use std::sync::Arc;
+    use vmm::devices::bus::Bus;
+    use vmm::vstate::vcpu::{RunControl, Vcpu, VcpuShared};
+    use vmm::vstate::{vm::Vm, ExitReason, VmExit};
+    husk_tests::require_kvm();
+    let vm = Vm::new().unwrap();
+    let vcpu = Vcpu::new(&vm.fd, 0).unwrap();
+    let exit = Arc::new(VmExit::new().unwrap());
+    let shared = VcpuShared {
+        pio: Arc::new(Bus::new()),
+        mmio: Arc::new(Bus::new()),
+        exit: exit.clone(),
+        control: Arc::new(RunControl::default()),
+        on_start: Arc::new(|| panic!("a bug on the vCPU thread")),
+    };
+    vcpu.spawn(shared).unwrap().join().unwrap();
+    assert_eq!(
+        exit.reason(),
+        Some(ExitReason::VcpuError("vCPU 0 panicked".into()))
+    );
+}

@@ -228,14 +228,24 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
-                if let Err(e) = (shared.on_start)() {
-                    shared.exit.signal(ExitReason::VcpuError(format!(
-                        "vCPU {} could not start: {e}",
-                        self.id
-                    )));
-                    return;
+                let id = self.id;
+                // A panic (debug builds unwind; release builds abort the process) would end
+                // this thread silently and leave the VM hanging with a dead vCPU: end the VM
+                // with the reason instead.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if let Err(e) = (shared.on_start)() {
+                        shared.exit.signal(ExitReason::VcpuError(format!(
+                            "vCPU {id} could not start: {e}"
+                        )));
+                        return;
+                    }
+                    self.run(&shared)
+                }));
+                if ran.is_err() {
+                    shared
+                        .exit
+                        .signal(ExitReason::VcpuError(format!("vCPU {id} panicked")));
                 }
-                self.run(&shared)
             })
             .map_err(VcpuError::Spawn)
     }
