@@ -4,6 +4,7 @@
 //! on a Linux host (host mode), which is how most of its tests run.
 
 pub mod agent;
+pub mod boot_timeline;
 pub mod cgroups;
 pub mod config;
 pub mod container;

@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         _ => Mode::Host,
     };
     if mode == Mode::Guest {
+        husk_agent::boot_timeline::mark_init();
         // Before logging: /dev (the console) may not be mounted yet.
         init::mount_pseudo_filesystems().context("PID 1 set-up")?;
         init::ensure_console();
@@ -97,6 +98,9 @@ fn main() -> anyhow::Result<()> {
     let result: anyhow::Result<()> = rt.block_on(async {
         let agent = Agent::new(cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let server = Server::start(agent.clone(), &listen).await?;
+        if mode == Mode::Guest {
+            husk_agent::boot_timeline::mark_serving();
+        }
         tracing::info!(?mode, state = %cfg.state_dir.display(), "husk-agent ready");
         if mode == Mode::Guest {
             // Containers share the guest's network namespace; its loopback starts down.

@@ -58,6 +58,7 @@ impl svc::Health for Services {
         let mut r = pb::VersionResponse::new();
         r.agent_version = env!("CARGO_PKG_VERSION").to_string();
         r.api_version = husk_proto::AGENT_API_VERSION.to_string();
+        (r.boot_init_ms, r.boot_serving_ms) = crate::boot_timeline::get();
         Ok(r)
     }
 }
