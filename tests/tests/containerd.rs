@@ -152,3 +152,44 @@ fn runc_exec_sync_returns_output_and_exit_code_and_times_out() {
     before.assert_back_to(|| c.host_state());
     stop_clean(c);
 }
+
+/// The `husk` handler through containerd's CRI on this host, which cannot boot a microVM
+/// (a PVM host): containerd runs our shim's `start`, dials the address it printed, calls
+/// `containerd.task.v2.Task/Create` on it, and must get back the shim's own explanation —
+/// which proves the bootstrap and the v2 service name — with nothing left afterwards: no
+/// shim process, socket, mount, netns or veth.
+#[test]
+fn husk_handler_reaches_our_shim_and_fails_cleanly_without_kvm() {
+    let _g = serial();
+    let shim = husk_tests::containerd::shim_binary();
+    assert!(
+        shim.is_file(),
+        "{} is missing: cargo build --workspace --bins (scripts/test does)",
+        shim.display()
+    );
+    let kvm = vmm::check::check_host();
+    let c = Containerd::start();
+    let before = c.host_state();
+    let rt = husk_tests::pod::runtime();
+    let r = rt.block_on(async {
+        let mut cri = c.cri();
+        c.run_pod(&mut cri, "vm", husk_tests::containerd::HANDLER_HUSK)
+            .await
+    });
+    match (&kvm, r) {
+        (Err(why), Err(e)) => {
+            let msg = e.status.message().to_string();
+            assert!(
+                msg.contains("this host cannot run husk microVMs"),
+                "RunPodSandbox failed, but not with the shim's answer: {msg}"
+            );
+            eprintln!("RunPodSandbox(husk) here: {msg}\n(husk check: {why})");
+        }
+        (Err(why), Ok(pod)) => panic!("a husk pod {} ran on a host without KVM ({why})", pod.id),
+        (Ok(()), r) => {
+            panic!("this host has a usable KVM: this test is for hosts without; got {r:?}")
+        }
+    }
+    before.assert_back_to(|| c.host_state());
+    stop_clean(c);
+}

@@ -110,7 +110,19 @@ impl Containerd {
         .expect("write husk.toml");
 
         let log = std::fs::File::create(&layout.log).expect("create containerd's log");
+        // containerd 1.6 finds a shim binary on its PATH (or beside itself): ours first.
+        let path = std::env::join_paths(
+            shim.binary
+                .parent()
+                .map(Path::to_path_buf)
+                .into_iter()
+                .chain(std::env::split_paths(
+                    &std::env::var_os("PATH").unwrap_or_default(),
+                )),
+        )
+        .expect("a PATH");
         let child = Command::new("/usr/bin/containerd")
+            .env("PATH", path)
             .arg("--config")
             .arg(&layout.config)
             .stdin(Stdio::null())

@@ -18,6 +18,8 @@ pub struct HostState {
     pub links: BTreeSet<String>,
     /// Pod cgroups left under the harness's cgroup parent (any hierarchy).
     pub cgroups: BTreeSet<String>,
+    /// Sockets of husk shims (`<husk run root>/s`) and pod share directories.
+    pub husk_shim: BTreeSet<String>,
     /// The husk leak snapshot (husk-vmm and virtiofsd processes, husk's VM run dirs).
     pub husk: BTreeSet<String>,
 }
@@ -102,6 +104,15 @@ impl HostState {
                         .collect::<Vec<_>>()
                 })
                 .collect(),
+            husk_shim: ["s", "share"]
+                .iter()
+                .flat_map(|d| {
+                    let dir = husk_shim::paths::run_root().join(d);
+                    names(&dir.to_string_lossy(), |_| true)
+                        .into_iter()
+                        .map(move |n| format!("{d}/{n}"))
+                })
+                .collect(),
             husk: husk_processes()
                 .into_iter()
                 .chain(names(
@@ -127,13 +138,14 @@ impl HostState {
                 };
                 panic!(
                     "host state differs: shims {:?}, pause {:?}, mounts {:?}, netns {:?}, \
-                     links {:?}, cgroups {:?}, husk {:?}",
+                     links {:?}, cgroups {:?}, husk shim {:?}, husk {:?}",
                     diff(&self.shims, &n.shims),
                     diff(&self.pause, &n.pause),
                     diff(&self.mounts, &n.mounts),
                     diff(&self.netns, &n.netns),
                     diff(&self.links, &n.links),
                     diff(&self.cgroups, &n.cgroups),
+                    diff(&self.husk_shim, &n.husk_shim),
                     diff(&self.husk, &n.husk),
                 );
             }
