@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::cri::{wait_log_line, ContainerState};
-use husk_tests::containerd::{images, Containerd, HANDLER_RUNC};
+use husk_tests::containerd::{
+    images, Containerd, HANDLER_HUSK_BAD_CONFIG, HANDLER_HUSK_NO_VMM, HANDLER_RUNC,
+};
 
 /// One test at a time: pause processes, CNI netns and veths are host-wide, so a leak
 /// snapshot taken while another test's pod runs would see it.
@@ -153,13 +155,14 @@ fn runc_exec_sync_returns_output_and_exit_code_and_times_out() {
     stop_clean(c);
 }
 
-/// The `husk` handler through containerd's CRI on this host, which cannot boot a microVM
-/// (a PVM host): containerd runs our shim's `start`, dials the address it printed, calls
-/// `containerd.task.v2.Task/Create` on it, and must get back the shim's own explanation —
-/// which proves the bootstrap and the v2 service name — with nothing left afterwards: no
+/// Our shim through containerd 1.6's CRI, on any host: containerd runs its `start`, dials
+/// the address it printed and calls `containerd.task.v2.Task/Create`, and the shim's own
+/// error comes back: on this KVM-less host "cannot run husk microVMs", on a KVM host the
+/// missing VMM of the handler's config. A config with an unknown key fails `start` with the
+/// key named (runtime options → ConfigPath → husk.toml). Nothing is left afterwards: no
 /// shim process, socket, mount, netns or veth.
 #[test]
-fn husk_handler_reaches_our_shim_and_fails_cleanly_without_kvm() {
+fn husk_shim_answers_through_containerd_and_fails_cleanly() {
     let _g = serial();
     let shim = husk_tests::containerd::shim_binary();
     assert!(
@@ -167,29 +170,37 @@ fn husk_handler_reaches_our_shim_and_fails_cleanly_without_kvm() {
         "{} is missing: cargo build --workspace --bins (scripts/test does)",
         shim.display()
     );
-    let kvm = vmm::check::check_host();
     let c = Containerd::start();
     let before = c.host_state();
     let rt = husk_tests::pod::runtime();
-    let r = rt.block_on(async {
+    let (no_vmm, bad_config) = rt.block_on(async {
         let mut cri = c.cri();
-        c.run_pod(&mut cri, "vm", husk_tests::containerd::HANDLER_HUSK)
-            .await
+        (
+            c.run_pod(&mut cri, "novmm", HANDLER_HUSK_NO_VMM).await,
+            c.run_pod(&mut cri, "badconfig", HANDLER_HUSK_BAD_CONFIG)
+                .await,
+        )
     });
-    match (&kvm, r) {
-        (Err(why), Err(e)) => {
-            let msg = e.status.message().to_string();
-            assert!(
-                msg.contains("this host cannot run husk microVMs"),
-                "RunPodSandbox failed, but not with the shim's answer: {msg}"
-            );
-            eprintln!("RunPodSandbox(husk) here: {msg}\n(husk check: {why})");
-        }
-        (Err(why), Ok(pod)) => panic!("a husk pod {} ran on a host without KVM ({why})", pod.id),
-        (Ok(()), r) => {
-            panic!("this host has a usable KVM: this test is for hosts without; got {r:?}")
-        }
-    }
+    let msg = match no_vmm {
+        Ok(pod) => panic!("a pod {} ran with no VMM binary", pod.id),
+        Err(e) => e.status.message().to_string(),
+    };
+    let expected = match vmm::check::check_host() {
+        Err(_) => "this host cannot run husk microVMs",
+        Ok(()) => "/nonexistent/husk-vmm",
+    };
+    assert!(
+        msg.contains("failed to create shim task") && msg.contains(expected),
+        "RunPodSandbox failed, but not with the shim's Create answer ({expected:?}): {msg}"
+    );
+    let msg = match bad_config {
+        Ok(pod) => panic!("a pod {} ran with a bad config", pod.id),
+        Err(e) => e.status.message().to_string(),
+    };
+    assert!(
+        msg.contains("no_such_key") && msg.contains("husk-badconfig.toml"),
+        "the shim's start did not name the bad key and file: {msg}"
+    );
     before.assert_back_to(|| c.host_state());
     stop_clean(c);
 }

@@ -9,6 +9,28 @@ use super::images::PAUSE;
 pub const HANDLER_RUNC: &str = "runc";
 pub const HANDLER_HUSK: &str = "husk";
 pub const HANDLER_KATA: &str = "kata";
+/// Our shim with a config whose VMM does not exist: Create fails inside the shim on any
+/// host (no KVM here; no VMM binary where there is KVM).
+pub const HANDLER_HUSK_NO_VMM: &str = "husk-novmm";
+/// Our shim with a config that has an unknown key: `start` fails naming it.
+pub const HANDLER_HUSK_BAD_CONFIG: &str = "husk-badconfig";
+
+/// The shim config of each test-only handler, beside the main one.
+pub fn extra_configs(shim_config: &Path) -> [(&'static str, PathBuf, &'static str); 2] {
+    let dir = shim_config.parent().unwrap_or(Path::new("/"));
+    [
+        (
+            HANDLER_HUSK_NO_VMM,
+            dir.join("husk-novmm.toml"),
+            "vmm = \"/nonexistent/husk-vmm\"\n",
+        ),
+        (
+            HANDLER_HUSK_BAD_CONFIG,
+            dir.join("husk-badconfig.toml"),
+            "[vm]\nno_such_key = 1\n",
+        ),
+    ]
+}
 
 /// The snapshotter. overlayfs works here (the root filesystem is ext4, which can hold an
 /// overlay's upper directory, and the kernel has `overlay`); a host whose temp directory is
@@ -73,7 +95,7 @@ pub struct ShimSetup {
 fn handler(name: &str, runtime_type: &str, body: &str) -> String {
     format!(
         r#"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}]
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes."{name}"]
       runtime_type = "{runtime_type}"
 {body}"#
     )
@@ -94,7 +116,14 @@ pub fn containerd_toml(l: &Layout, shim: &ShimSetup) -> String {
             l.runc_root.display()
         ),
     );
-    for name in [HANDLER_HUSK, HANDLER_KATA] {
+    let mut handlers = vec![
+        (HANDLER_HUSK, shim.config.clone()),
+        (HANDLER_KATA, shim.config.clone()),
+    ];
+    for (name, path, _) in extra_configs(&shim.config) {
+        handlers.push((name, path));
+    }
+    for (name, config) in handlers {
         runtimes.push_str(&handler(
             name,
             "io.containerd.husk.v2",
@@ -103,10 +132,10 @@ pub fn containerd_toml(l: &Layout, shim: &ShimSetup) -> String {
       # containerd-shim-husk-v2 on its PATH, which the harness puts the build tree on.
       # The VM is the boundary: the host's devices are not the guest's to see.
       privileged_without_host_devices = true
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}.options]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes."{name}".options]
         ConfigPath = "{cfg}"
 "#,
-                cfg = shim.config.display()
+                cfg = config.display()
             ),
         ));
     }

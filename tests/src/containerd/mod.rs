@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use config::{Layout, Network, ShimSetup};
-pub use config::{HANDLER_HUSK, HANDLER_KATA, HANDLER_RUNC};
+pub use config::{
+    HANDLER_HUSK, HANDLER_HUSK_BAD_CONFIG, HANDLER_HUSK_NO_VMM, HANDLER_KATA, HANDLER_RUNC,
+};
 pub use cri::{Cri, Pod};
 pub use state::HostState;
 
@@ -108,6 +110,9 @@ impl Containerd {
             ),
         )
         .expect("write husk.toml");
+        for (_, path, text) in config::extra_configs(&shim.config) {
+            std::fs::write(path, text).expect("write a test handler's husk.toml");
+        }
 
         let log = std::fs::File::create(&layout.log).expect("create containerd's log");
         // containerd 1.6 finds a shim binary on its PATH (or beside itself): ours first.
