@@ -201,6 +201,29 @@ fn husk_shim_answers_through_containerd_and_fails_cleanly() {
         msg.contains("no_such_key") && msg.contains("husk-badconfig.toml"),
         "the shim's start did not name the bad key and file: {msg}"
     );
+    // Plain `ctr run` with our runtime: no runtime options, so the shim's defaults
+    // (/etc/husk/husk.toml absent: built-in defaults, the build tree's VMM and guest).
+    let out = c.ctr_timeout(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "io.containerd.husk.v2",
+            images::BUSYBOX,
+            "ctr-husk",
+            "echo",
+            "hi",
+        ],
+        Duration::from_secs(300),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match vmm::check::check_host() {
+        Err(_) => assert!(
+            !out.status.success() && stderr.contains("this host cannot run husk microVMs"),
+            "ctr run with our runtime must fail in the shim's Create here: {stderr}"
+        ),
+        Ok(()) => assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n", "{stderr}"),
+    }
     before.assert_back_to(|| c.host_state());
     stop_clean(c);
 }

@@ -86,8 +86,10 @@ pub fn start(flags: &Flags, stdin: &[u8]) -> Result<String> {
     // daemon that dies where nobody sees.
     let options = RuntimeOptions::from_stdin_bytes(stdin)?;
     let config_path = options.map(|o| o.config_path).filter(|p| !p.is_empty());
-    let (path, _) = Config::locate(config_path.as_deref());
+    let (path, named) = Config::locate(config_path.as_deref());
     Config::load(config_path.as_deref())?;
+    // The daemon reads the same file; a default path stays a default (may be absent).
+    let path = named.then_some(path);
 
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         // A shim already serves this sandbox (a retried start).
@@ -102,7 +104,7 @@ pub fn start(flags: &Flags, stdin: &[u8]) -> Result<String> {
     // Bound here, before containerd dials it; the daemon inherits the listening socket.
     let listener = UnixListener::bind(&socket)
         .map_err(|e| Error::io(format!("bind {}", socket.display()), e))?;
-    let spawned = spawn_daemon(flags, &bundle, listener, &path);
+    let spawned = spawn_daemon(flags, &bundle, listener, path.as_deref());
     if let Err(e) = spawned {
         let _ = std::fs::remove_file(&socket);
         return Err(e);
@@ -126,7 +128,12 @@ fn write_address(bundle: &Path, address: &str) -> Result<()> {
 /// Starts the long-lived server: a new session, stdin from /dev/null, stdout and stderr to
 /// the bundle's `log` FIFO (containerd copies it into its own log) or /dev/null — never
 /// `start`'s pipes, which containerd reads to EOF.
-fn spawn_daemon(flags: &Flags, bundle: &Path, listener: UnixListener, config: &Path) -> Result<()> {
+fn spawn_daemon(
+    flags: &Flags,
+    bundle: &Path,
+    listener: UnixListener,
+    config: Option<&Path>,
+) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("find the shim binary", e))?;
     let log = open_log_fifo(bundle);
     let (out, err) = match &log {
@@ -155,11 +162,11 @@ fn spawn_daemon(flags: &Flags, bundle: &Path, listener: UnixListener, config: &P
         cmd.arg("-debug");
     }
     cmd.arg(SERVE_ACTION)
-        .env(LISTEN_FD_ENV, LISTEN_FD.to_string())
-        .env(super::config::ENV_VAR, config)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
+        .env(LISTEN_FD_ENV, LISTEN_FD.to_string());
+    if let Some(config) = config {
+        cmd.env(super::config::ENV_VAR, config);
+    }
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     let fd = listener.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls (setsid, dup2, fcntl).
     unsafe {

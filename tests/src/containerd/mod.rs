@@ -202,6 +202,34 @@ impl Containerd {
             .expect("run ctr")
     }
 
+    /// `ctr` with a deadline: killed after `timeout` (its output so far is returned, and
+    /// `status.success()` is false).
+    pub fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> Output {
+        let child = Command::new("/usr/bin/ctr")
+            .arg("-a")
+            .arg(&self.layout.socket)
+            .args(["-n", K8S_NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ctr");
+        let pid = child.id() as i32;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(out) => out.expect("wait for ctr"),
+            Err(_) => {
+                // SAFETY: our own child, not yet reaped (its waiter thread holds it).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                rx.recv().expect("ctr's waiter").expect("wait for ctr")
+            }
+        }
+    }
+
     /// Imports an OCI archive into the CRI namespace and unpacks it for the snapshotter.
     pub fn import(&self, archive: &Path) {
         let a = archive.to_string_lossy();
