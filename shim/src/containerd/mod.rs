@@ -13,6 +13,7 @@ pub mod pod_spec;
 pub mod runtime;
 pub mod service;
 pub mod stdio;
+pub mod task_api;
 pub mod tasks;
 pub mod vm_runtime;
 

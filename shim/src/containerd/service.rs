@@ -11,11 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
-use containerd_shim::protos::api::{self, Empty, Status};
+use containerd_shim::protos::api::{self, Status};
 use containerd_shim::protos::events::task as ev;
-use containerd_shim::protos::shim_async::Task;
-use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext};
+use containerd_shim::protos::ttrpc;
 use containerd_shim::ExitSignal;
 use tokio::sync::Mutex;
 
@@ -33,18 +31,18 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// The task service of one pod's shim.
 pub struct TaskService<R: PodRuntime> {
-    runtime: Arc<R>,
-    tasks: Arc<Mutex<Tasks>>,
-    publisher: Arc<Publisher>,
-    namespace: String,
-    exit: Arc<ExitSignal>,
+    pub(super) runtime: Arc<R>,
+    pub(super) tasks: Arc<Mutex<Tasks>>,
+    pub(super) publisher: Arc<Publisher>,
+    pub(super) namespace: String,
+    pub(super) exit: Arc<ExitSignal>,
     /// The config from `start`'s runtime options (replaced by CreateTaskRequest.options).
     config: Mutex<Option<Config>>,
     /// The pid containerd sees for every task: the VMM's, once the sandbox is up.
     pod_pid: Mutex<u32>,
 }
 
-fn ttrpc_err(e: Error) -> ttrpc::Error {
+pub(super) fn ttrpc_err(e: Error) -> ttrpc::Error {
     tracing::warn!("{e}");
     e.into()
 }
@@ -92,7 +90,10 @@ impl<R: PodRuntime> TaskService<R> {
         Ok(c)
     }
 
-    async fn do_create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
+    pub(super) async fn do_create(
+        &self,
+        req: api::CreateTaskRequest,
+    ) -> Result<api::CreateTaskResponse> {
         if !req.checkpoint.is_empty() {
             return Err(Error::Unimplemented("restore from a checkpoint"));
         }
@@ -191,7 +192,7 @@ impl<R: PodRuntime> TaskService<R> {
         })
     }
 
-    async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
+    pub(super) async fn do_start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
         let (stdio, pid) = {
             let tasks = self.tasks.lock().await;
             let p = tasks.get(&req.id)?.process(&req.exec_id)?;
@@ -299,7 +300,7 @@ impl<R: PodRuntime> TaskService<R> {
         });
     }
 
-    async fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
+    pub(super) async fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
         if !req.exec_id.is_empty() {
             let mut tasks = self.tasks.lock().await;
             let c = tasks.get_mut(&req.id)?;
@@ -348,7 +349,7 @@ impl<R: PodRuntime> TaskService<R> {
         Ok(resp)
     }
 
-    async fn do_exec(&self, req: api::ExecProcessRequest) -> Result<()> {
+    pub(super) async fn do_exec(&self, req: api::ExecProcessRequest) -> Result<()> {
         let process: serde_json::Value = match req.spec.as_ref() {
             Some(any) => serde_json::from_slice(&any.value)
                 .map_err(|e| Error::InvalidArgument(format!("exec spec: {e}")))?,
@@ -399,7 +400,7 @@ impl<R: PodRuntime> TaskService<R> {
         Ok(())
     }
 
-    async fn do_state(&self, req: api::StateRequest) -> Result<api::StateResponse> {
+    pub(super) async fn do_state(&self, req: api::StateRequest) -> Result<api::StateResponse> {
         let tasks = self.tasks.lock().await;
         let c = tasks.get(&req.id)?;
         let p = c.process(&req.exec_id)?;
@@ -420,7 +421,7 @@ impl<R: PodRuntime> TaskService<R> {
         })
     }
 
-    async fn do_wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse> {
+    pub(super) async fn do_wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse> {
         let mut rx = {
             let tasks = self.tasks.lock().await;
             tasks.get(&req.id)?.process(&req.exec_id)?.exit_watch()
@@ -438,7 +439,7 @@ impl<R: PodRuntime> TaskService<R> {
         })
     }
 
-    async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
+    pub(super) async fn set_paused(&self, id: &str, paused: bool) -> Result<()> {
         self.tasks.lock().await.get(id)?;
         if paused {
             self.runtime.pause(id).await?;
@@ -487,222 +488,5 @@ fn delete_response(pid: u32, exit: Option<Exit>) -> api::DeleteResponse {
         exit_status: exit.as_ref().map(|e| e.status).unwrap_or(0),
         exited_at: exit.map(|e| e.timestamp()).into(),
         ..Default::default()
-    }
-}
-
-#[async_trait]
-impl<R: PodRuntime> Task for TaskService<R> {
-    async fn state(
-        &self,
-        _: &TtrpcContext,
-        req: api::StateRequest,
-    ) -> ttrpc::Result<api::StateResponse> {
-        self.do_state(req).await.map_err(ttrpc_err)
-    }
-
-    async fn create(
-        &self,
-        _: &TtrpcContext,
-        req: api::CreateTaskRequest,
-    ) -> ttrpc::Result<api::CreateTaskResponse> {
-        self.do_create(req).await.map_err(ttrpc_err)
-    }
-
-    async fn start(
-        &self,
-        _: &TtrpcContext,
-        req: api::StartRequest,
-    ) -> ttrpc::Result<api::StartResponse> {
-        self.do_start(req).await.map_err(ttrpc_err)
-    }
-
-    async fn delete(
-        &self,
-        _: &TtrpcContext,
-        req: api::DeleteRequest,
-    ) -> ttrpc::Result<api::DeleteResponse> {
-        self.do_delete(req).await.map_err(ttrpc_err)
-    }
-
-    async fn pids(
-        &self,
-        _: &TtrpcContext,
-        req: api::PidsRequest,
-    ) -> ttrpc::Result<api::PidsResponse> {
-        let r: Result<_> = async {
-            self.tasks.lock().await.get(&req.id)?;
-            let pids = self.runtime.pids(&req.id).await?;
-            Ok(api::PidsResponse {
-                processes: pids
-                    .into_iter()
-                    .map(|pid| api::ProcessInfo {
-                        pid,
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-        }
-        .await;
-        r.map_err(ttrpc_err)
-    }
-
-    async fn pause(&self, _: &TtrpcContext, req: api::PauseRequest) -> ttrpc::Result<Empty> {
-        self.set_paused(&req.id, true).await.map_err(ttrpc_err)?;
-        Ok(Empty::new())
-    }
-
-    async fn resume(&self, _: &TtrpcContext, req: api::ResumeRequest) -> ttrpc::Result<Empty> {
-        self.set_paused(&req.id, false).await.map_err(ttrpc_err)?;
-        Ok(Empty::new())
-    }
-
-    async fn checkpoint(
-        &self,
-        _: &TtrpcContext,
-        _: api::CheckpointTaskRequest,
-    ) -> ttrpc::Result<Empty> {
-        Err(Error::Unimplemented("Checkpoint").into())
-    }
-
-    async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<Empty> {
-        let r: Result<()> = async {
-            let status = {
-                let tasks = self.tasks.lock().await;
-                tasks.get(&req.id)?.process(&req.exec_id)?.status
-            };
-            if status == Status::STOPPED {
-                // runc's shim answers NotFound for a dead process; containerd treats that
-                // as done. Say it the same way.
-                return Err(Error::NotFound(format!(
-                    "process {} {} already exited",
-                    req.id, req.exec_id
-                )));
-            }
-            self.runtime
-                .kill(&req.id, &req.exec_id, req.signal, req.all)
-                .await
-        }
-        .await;
-        r.map_err(ttrpc_err)?;
-        Ok(Empty::new())
-    }
-
-    async fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> ttrpc::Result<Empty> {
-        self.do_exec(req).await.map_err(ttrpc_err)?;
-        Ok(Empty::new())
-    }
-
-    async fn resize_pty(
-        &self,
-        _: &TtrpcContext,
-        req: api::ResizePtyRequest,
-    ) -> ttrpc::Result<Empty> {
-        let r: Result<()> = async {
-            self.tasks
-                .lock()
-                .await
-                .get(&req.id)?
-                .process(&req.exec_id)?;
-            self.runtime
-                .resize_pty(&req.id, &req.exec_id, req.width, req.height)
-                .await
-        }
-        .await;
-        r.map_err(ttrpc_err)?;
-        Ok(Empty::new())
-    }
-
-    async fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> ttrpc::Result<Empty> {
-        let r: Result<()> = async {
-            if !req.stdin {
-                return Ok(());
-            }
-            if let Some(p) = self
-                .tasks
-                .lock()
-                .await
-                .get_mut(&req.id)?
-                .process_mut(&req.exec_id)?
-                .pumps
-                .as_mut()
-            {
-                p.close_stdin();
-            }
-            self.runtime.close_stdin(&req.id, &req.exec_id).await
-        }
-        .await;
-        r.map_err(ttrpc_err)?;
-        Ok(Empty::new())
-    }
-
-    async fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        let r: Result<()> = async {
-            self.tasks.lock().await.get(&req.id)?;
-            let resources = req
-                .resources
-                .as_ref()
-                .map(|a| a.value.clone())
-                .unwrap_or_default();
-            self.runtime.update(&req.id, &resources).await
-        }
-        .await;
-        r.map_err(ttrpc_err)?;
-        Ok(Empty::new())
-    }
-
-    async fn wait(
-        &self,
-        _: &TtrpcContext,
-        req: api::WaitRequest,
-    ) -> ttrpc::Result<api::WaitResponse> {
-        self.do_wait(req).await.map_err(ttrpc_err)
-    }
-
-    async fn stats(
-        &self,
-        _: &TtrpcContext,
-        req: api::StatsRequest,
-    ) -> ttrpc::Result<api::StatsResponse> {
-        let r: Result<_> = async {
-            self.tasks.lock().await.get(&req.id)?;
-            let stats = self.runtime.stats(&req.id).await?;
-            Ok(api::StatsResponse {
-                stats: Some(stats).into(),
-                ..Default::default()
-            })
-        }
-        .await;
-        r.map_err(ttrpc_err)
-    }
-
-    async fn connect(
-        &self,
-        _: &TtrpcContext,
-        req: api::ConnectRequest,
-    ) -> ttrpc::Result<api::ConnectResponse> {
-        let task_pid = match self.tasks.lock().await.get(&req.id) {
-            Ok(c) => c.init.pid,
-            Err(e) => return Err(ttrpc_err(e)),
-        };
-        Ok(api::ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid,
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        })
-    }
-
-    async fn shutdown(&self, _: &TtrpcContext, _req: api::ShutdownRequest) -> ttrpc::Result<Empty> {
-        // containerd calls Shutdown after every task Delete; the shim serves the whole pod
-        // and leaves only when it holds no task.
-        if !self.tasks.lock().await.is_empty() {
-            return Ok(Empty::new());
-        }
-        if let Err(e) = self.runtime.stop_sandbox().await {
-            tracing::warn!("stop the sandbox at shutdown: {e}");
-        }
-        self.exit.signal();
-        Ok(Empty::new())
     }
 }
