@@ -47,8 +47,9 @@ fn ctr_run_with_the_husk_runtime_prints_hi() {
 }
 
 /// A Kubernetes-style pod through containerd's CRI with the `kata` handler: the pause
-/// container and a busybox container share one microVM; the container's echo lands in its
-/// CRI log; ExecSync returns stdout and the exit code; Stop + Remove leave nothing.
+/// container and two busybox containers share one microVM; a container's echo lands in its
+/// CRI log; another's exit code 7 reaches ContainerStatus; ExecSync returns stdout, stderr
+/// and the exit code; Stop + Remove leave nothing.
 #[test]
 fn cri_pod_with_the_kata_handler_logs_and_execs_in_one_vm() {
     husk_tests::require_kvm();
@@ -97,6 +98,23 @@ fn cri_pod_with_the_kata_handler_logs_and_execs_in_one_vm() {
                 "uname -r is the guest's: {lines:?}"
             )
         });
+
+        // A second container in the same VM; its exit status reaches CRI (Wait and
+        // TaskExit through the shim).
+        let failing = cri
+            .run_container(&pod, "fails", images::BUSYBOX, &["sh", "-c", "exit 7"])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            vmm_count(),
+            1,
+            "the second container joined the pod's VM too"
+        );
+        let st = cri
+            .wait_exited(&failing, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((st.exit_code, st.reason.as_str()), (7, "Error"), "{st:?}");
 
         let r = cri
             .exec_sync(&id, &["sh", "-c", "echo out; echo err >&2; exit 3"], 0)
