@@ -124,6 +124,37 @@ fn cri_pod_with_the_kata_handler_logs_and_execs_in_one_vm() {
         assert_eq!(String::from_utf8_lossy(&r.stderr), "err\n");
         assert_eq!(r.exit_code, 3);
 
+        // A timed-out ExecSync returns: containerd kills the exec in the guest and waits
+        // for EOF on its FIFOs, which the shim closes once the output is drained.
+        let t = std::time::Instant::now();
+        let r = cri.exec_sync(&id, &["sleep", "600"], 2).await;
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(30),
+            "ExecSync timeout took {took:?}: {r:?}"
+        );
+        assert!(
+            took >= Duration::from_secs(2),
+            "ExecSync returned early: {r:?}"
+        );
+        if let Ok(r) = &r {
+            assert_ne!(r.exit_code, 0, "a killed exec reports failure: {r:?}");
+        }
+        let pids = cri
+            .exec_sync(
+                &id,
+                &["sh", "-c", "cat /proc/[0-9]*/comm | grep -cx sleep"],
+                0,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The container's own `sleep 600` is the one left; the exec's was killed.
+        assert_eq!(
+            String::from_utf8_lossy(&pids.stdout).trim(),
+            "1",
+            "{pids:?}"
+        );
+
         cri.stop_remove_pod(&pod.id)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
