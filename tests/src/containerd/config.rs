@@ -128,7 +128,7 @@ pub fn containerd_toml(l: &Layout, shim: &ShimSetup) -> String {
             name,
             "io.containerd.husk.v2",
             &format!(
-                r#"      # No runtime_path: containerd 1.6's CRI does not pass it on (1.7 does); it finds
+                r#"      # No runtime_path: containerd 1.6.20's CRI did not use it (binary not installed); it finds
       # containerd-shim-husk-v2 on its PATH, which the harness puts the build tree on.
       # The VM is the boundary: the host's devices are not the guest's to see.
       privileged_without_host_devices = true
