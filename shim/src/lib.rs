@@ -6,6 +6,7 @@
 //! the agent API.
 
 pub mod agent;
+pub mod containerd;
 pub mod error;
 pub mod paths;
 pub mod run;

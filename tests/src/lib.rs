@@ -32,6 +32,8 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/debug"))
 }
 
+pub mod containerd;
+
 pub mod vmm_proc {
     //! Runs husk-vmm as a child process and collects what it printed.
     use std::io::Read;

@@ -1,6 +1,7 @@
 //! Tests that need a usable /dev/kvm: run inside the lab (`scripts/test` does it), or
 //! directly on a host with hardware virtualization.
 mod agent;
+mod containerd;
 mod run;
 mod smoke;
 mod vmm;

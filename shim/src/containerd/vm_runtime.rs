@@ -1,0 +1,668 @@
+//! [`PodRuntime`] on the crate's present `vm::Vm` and `agent::Agent`, as `husk run` uses
+//! them. One file on purpose: the reshape's `sandbox/` layer (`Sandbox {vm, agent,
+//! containers}`, state on disk, network, shares) replaces it whole.
+//!
+//! What it does: the sandbox's Create launches husk-vmm (+ one virtiofsd exporting the
+//! pod's shared directory `<run root>/share/<sandbox id>`) from a dedicated thread that owns
+//! the VM (the children's parent-death signal is tied to the forking thread), connects to
+//! the agent and sends CreateSandbox. Each container's rootfs is mounted on
+//! `<bundle>/rootfs` and bind-mounted into the share; host bind mounts of its spec go the
+//! same way. What it does not do yet (the sandbox layer's work): pod networking (no tap in
+//! the CNI netns: the guest has no NIC), host cgroups, OOM events, state on disk.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use containerd_shim::protos::cgroups_v2::metrics as m2;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::Message;
+use husk_proto::agent as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+use super::error::{Error, Result};
+use super::pod_spec;
+use super::runtime::{ContainerRequest, ExecRequest, ExitStatus, PodRuntime, SandboxRequest};
+use super::stdio::ProcessIo;
+use crate::agent::{ctx, Agent};
+use crate::vm::{ShareSpec, Vm, VmSpec};
+
+/// The virtio-fs tag of the pod's shared directory.
+const SHARE_TAG: &str = "pod";
+
+/// The thread that owns the VM: launches it, watches the VMM, tears it down on request.
+struct VmOwner {
+    stop: mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Set by the owner thread when the VMM ended by itself.
+    exited: Arc<StdMutex<Option<String>>>,
+}
+
+impl VmOwner {
+    fn launch(id: &str, spec: VmSpec) -> Result<(VmOwner, PathBuf, u32)> {
+        let (stop, stop_rx) = mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let exited = Arc::new(StdMutex::new(None));
+        let exited2 = exited.clone();
+        let id = id.to_string();
+        let thread = std::thread::Builder::new()
+            .name("husk-vm-owner".into())
+            .spawn(move || {
+                let mut vm = match Vm::launch(&id, &spec) {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok((
+                    vm.vsock_uds().to_path_buf(),
+                    vm.vmm_pid().unwrap_or(0),
+                )));
+                // A blocking wait on a thread of its own, not on the async runtime.
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(Duration::from_millis(200))
+                {
+                    if let Some(e) = vm.vmm_exit() {
+                        *exited2.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    }
+                }
+                if let Err(e) = vm.shutdown() {
+                    tracing::warn!("VM shutdown: {e}");
+                }
+            })
+            .map_err(|e| Error::io("spawn the VM owner thread", e))?;
+        let (uds, pid) = ready_rx
+            .recv()
+            .map_err(|_| Error::Other("the VM owner thread died".into()))??;
+        Ok((
+            VmOwner {
+                stop,
+                thread: Some(thread),
+                exited,
+            },
+            uds,
+            pid,
+        ))
+    }
+
+    fn exited(&self) -> Option<String> {
+        self.exited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// The booted pod.
+struct Pod {
+    owner: VmOwner,
+    agent: Agent,
+    share: PathBuf,
+    call_timeout: Duration,
+    /// Host mount points per container, unmounted in reverse order at delete.
+    mounts: HashMap<String, Vec<PathBuf>>,
+    /// Exec processes registered and not yet started.
+    pending_execs: HashMap<(String, String), ExecRequest>,
+}
+
+/// [`PodRuntime`] on `Vm` + `Agent`.
+#[derive(Default)]
+pub struct VmRuntime {
+    pod: Mutex<Option<Pod>>,
+}
+
+impl VmRuntime {
+    pub fn new() -> VmRuntime {
+        VmRuntime::default()
+    }
+}
+
+fn agent_err(call: &'static str, e: husk_proto::ttrpc::Error) -> Error {
+    if let husk_proto::ttrpc::Error::RpcStatus(s) = &e {
+        if s.code() == husk_proto::ttrpc::Code::NOT_FOUND {
+            return Error::NotFound(format!("agent {call}: {}", s.message()));
+        }
+    }
+    Error::Sandbox(crate::ShimError::agent(call, e))
+}
+
+fn mount(
+    source: &Path,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<()> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        fstype,
+        nix::mount::MsFlags::from_bits_truncate(flags),
+        data,
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("mount {} on {}", source.display(), target.display()),
+            e.into(),
+        )
+    })
+}
+
+fn unmount_all(points: &[PathBuf]) {
+    for p in points.iter().rev() {
+        if let Err(e) = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!("unmount {}: {e}", p.display());
+        }
+    }
+}
+
+/// Makes `container`'s rootfs and host binds visible in the share; returns the mount points
+/// made (for unmounting) and the agent mounts for the binds.
+fn share_container(
+    share: &Path,
+    req: &ContainerRequest,
+    binds: &[pod_spec::HostBind],
+) -> Result<(Vec<PathBuf>, Vec<pb::Mount>)> {
+    let mut points = Vec::new();
+    let result = (|| {
+        let rootfs = req.bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs).map_err(|e| Error::io("create the bundle rootfs", e))?;
+        for m in &req.rootfs {
+            if m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind") {
+                mount(
+                    Path::new(&m.source),
+                    &rootfs,
+                    None,
+                    libc::MS_BIND | libc::MS_REC,
+                    None,
+                )?;
+            } else {
+                let data = m.options.join(",");
+                mount(Path::new(&m.source), &rootfs, Some(&m.kind), 0, Some(&data))?;
+            }
+            points.push(rootfs.clone());
+        }
+        let dir = share.join(&req.id);
+        let target = dir.join("rootfs");
+        std::fs::create_dir_all(&target)
+            .map_err(|e| Error::io("create the shared rootfs dir", e))?;
+        mount(&rootfs, &target, None, libc::MS_BIND | libc::MS_REC, None)?;
+        points.push(target);
+        let mut mounts = Vec::new();
+        for (i, b) in binds.iter().enumerate() {
+            let src = Path::new(&b.source);
+            let t = dir.join(format!("m{i}"));
+            if src.is_dir() {
+                std::fs::create_dir_all(&t)
+            } else {
+                std::fs::write(&t, b"")
+            }
+            .map_err(|e| Error::io(format!("create {}", t.display()), e))?;
+            mount(src, &t, None, libc::MS_BIND | libc::MS_REC, None)?;
+            points.push(t);
+            let mut pm = pb::Mount::new();
+            pm.destination = b.destination.clone();
+            pm.type_ = "bind".into();
+            pm.source = format!("{}/m{i}", req.id);
+            pm.options = b.options.clone();
+            pm.share_tag = SHARE_TAG.into();
+            mounts.push(pm);
+        }
+        Ok(mounts)
+    })();
+    match result {
+        Ok(mounts) => Ok((points, mounts)),
+        Err(e) => {
+            unmount_all(&points);
+            Err(e)
+        }
+    }
+}
+
+/// Removes the pod's shared directory, unless something is still mounted under it: a
+/// recursive removal would then delete the mounted host files themselves.
+fn remove_share(share: &Path) {
+    let prefix = format!("{}/", share.display());
+    let busy = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .any(|m| m.starts_with(&prefix));
+    if busy {
+        tracing::warn!(
+            "{} still has mounts under it; left in place",
+            share.display()
+        );
+    } else if let Err(e) = std::fs::remove_dir_all(share) {
+        tracing::warn!("remove {}: {e}", share.display());
+    }
+}
+
+/// A process's output from the agent as an `AsyncRead`: a task pulls ReadStdout/ReadStderr
+/// into one end of a pipe until EOF.
+fn output_reader(
+    agent: Agent,
+    id: String,
+    exec_id: String,
+    stderr: bool,
+) -> Box<dyn tokio::io::AsyncRead + Send + Unpin> {
+    let (mut w, r) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        loop {
+            match agent.read_output(&id, &exec_id, stderr).await {
+                Ok((data, eof)) => {
+                    if !data.is_empty() && w.write_all(&data).await.is_err() {
+                        return;
+                    }
+                    if eof {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%id, %exec_id, "read output: {e}");
+                    return;
+                }
+            }
+        }
+    });
+    Box::new(r)
+}
+
+/// The process's stdin as an `AsyncWrite`: a task forwards what is written, and closes the
+/// process's stdin at EOF.
+fn stdin_writer(
+    agent: Agent,
+    id: String,
+    exec_id: String,
+) -> Box<dyn tokio::io::AsyncWrite + Send + Unpin> {
+    let (w, mut r) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if let Err(e) = agent.write_stdin(&id, &exec_id, &buf[..n]).await {
+                        tracing::warn!(%id, %exec_id, "write stdin: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = agent.close_stdin(&id, &exec_id).await;
+    });
+    Box::new(w)
+}
+
+impl VmRuntime {
+    async fn agent(&self) -> Result<(Agent, Duration)> {
+        let pod = self.pod.lock().await;
+        let p = pod
+            .as_ref()
+            .ok_or_else(|| Error::FailedPrecondition("the pod's VM is not running".into()))?;
+        if let Some(e) = p.owner.exited() {
+            return Err(Error::FailedPrecondition(format!(
+                "the pod's VM is gone: {e}"
+            )));
+        }
+        Ok((p.agent.clone(), p.call_timeout))
+    }
+}
+
+#[async_trait]
+impl PodRuntime for VmRuntime {
+    async fn create_sandbox(&self, req: SandboxRequest) -> Result<u32> {
+        let mut slot = self.pod.lock().await;
+        if slot.is_some() {
+            return Err(Error::AlreadyExists(format!("sandbox {}", req.id)));
+        }
+        let c = &req.config;
+        let guest = crate::paths::guest_dir();
+        let pick = |p: &PathBuf, name: &str| {
+            if p.as_os_str().is_empty() {
+                guest.join(name)
+            } else {
+                p.clone()
+            }
+        };
+        let mut spec = VmSpec::pod(
+            pick(&c.kernel, "vmlinux"),
+            pick(&c.initramfs, "husk-initramfs.cpio"),
+        );
+        if !c.kernel_params.is_empty() {
+            spec.cmdline = format!("{} {}", spec.cmdline, c.kernel_params);
+        }
+        (spec.vcpus, spec.mem_mib) = pod_spec::vm_size(&req.spec, &c.vm);
+        if !c.vmm.as_os_str().is_empty() {
+            spec.vmm_bin = Some(c.vmm.clone());
+        }
+        // VM ids become socket names: the sandbox id's first 32 characters are unique enough.
+        let vm_id: String = req.id.chars().take(32).collect();
+        let share = crate::paths::run_root().join("share").join(&vm_id);
+        std::fs::create_dir_all(&share)
+            .map_err(|e| Error::io(format!("create {}", share.display()), e))?;
+        spec.shares.push(ShareSpec {
+            tag: SHARE_TAG.into(),
+            dir: share.clone(),
+            readonly: false,
+        });
+        let started = Instant::now();
+        let (owner, uds, pid) = match VmOwner::launch(&vm_id, spec) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&share);
+                return Err(e);
+            }
+        };
+        let exited = owner.exited.clone();
+        let agent = Agent::connect(
+            &uds,
+            husk_proto::AGENT_VSOCK_PORT,
+            started + c.timeouts.agent_connect(),
+            || exited.lock().ok()?.clone().map(crate::ShimError::Invalid),
+        )
+        .await;
+        let agent = match agent {
+            Ok(a) => a,
+            Err(e) => {
+                owner.shutdown().await;
+                let _ = std::fs::remove_dir(&share);
+                return Err(e.into());
+            }
+        };
+        let mut sb = pb::CreateSandboxRequest::new();
+        sb.sandbox_id = vm_id.clone();
+        sb.hostname = req.spec["hostname"].as_str().unwrap_or("").to_string();
+        sb.guest_time_unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let mut s = pb::Share::new();
+        s.tag = SHARE_TAG.into();
+        sb.shares.push(s);
+        if let Err(e) = agent.create_sandbox(&sb).await {
+            owner.shutdown().await;
+            let _ = std::fs::remove_dir(&share);
+            return Err(e.into());
+        }
+        *slot = Some(Pod {
+            owner,
+            agent,
+            share,
+            call_timeout: c.timeouts.agent_call(),
+            mounts: HashMap::new(),
+            pending_execs: HashMap::new(),
+        });
+        Ok(pid)
+    }
+
+    async fn create_container(&self, req: ContainerRequest) -> Result<()> {
+        let mut spec = req.spec.clone();
+        let binds = pod_spec::for_guest(&mut spec);
+        let (agent, timeout, share) = {
+            let pod = self.pod.lock().await;
+            let p = pod
+                .as_ref()
+                .ok_or_else(|| Error::FailedPrecondition("no pod VM".into()))?;
+            (p.agent.clone(), p.call_timeout, p.share.clone())
+        };
+        let (points, mounts) = share_container(&share, &req, &binds)?;
+        let mut r = pb::CreateContainerRequest::new();
+        r.container_id = req.id.clone();
+        r.oci_spec_json = serde_json::to_vec(&spec).map_err(|e| Error::Other(e.to_string()))?;
+        let mut root = pb::RootfsSource::new();
+        root.share_tag = SHARE_TAG.into();
+        root.path = format!("{}/rootfs", req.id);
+        r.rootfs = Some(root).into();
+        r.mounts = mounts;
+        r.stdin = req.stdin;
+        if let Err(e) = agent.containers.create_container(ctx(timeout), &r).await {
+            unmount_all(&points);
+            return Err(agent_err("CreateContainer", e));
+        }
+        if let Some(p) = self.pod.lock().await.as_mut() {
+            p.mounts.insert(req.id.clone(), points);
+        }
+        Ok(())
+    }
+
+    async fn exec(&self, req: ExecRequest) -> Result<()> {
+        let mut pod = self.pod.lock().await;
+        let p = pod
+            .as_mut()
+            .ok_or_else(|| Error::FailedPrecondition("no pod VM".into()))?;
+        p.pending_execs
+            .insert((req.container.clone(), req.exec_id.clone()), req);
+        Ok(())
+    }
+
+    async fn start(&self, container: &str, exec_id: &str) -> Result<ProcessIo> {
+        let (agent, timeout) = self.agent().await?;
+        let stdin = if exec_id.is_empty() {
+            agent.start_container(container).await?;
+            true
+        } else {
+            let req = self
+                .pod
+                .lock()
+                .await
+                .as_mut()
+                .and_then(|p| {
+                    p.pending_execs
+                        .remove(&(container.to_string(), exec_id.to_string()))
+                })
+                .ok_or_else(|| Error::NotFound(format!("exec {exec_id} of {container}")))?;
+            let mut r = pb::ExecProcessRequest::new();
+            r.container_id = container.into();
+            r.exec_id = exec_id.into();
+            r.oci_process_json =
+                serde_json::to_vec(&req.process).map_err(|e| Error::Other(e.to_string()))?;
+            r.stdin = req.stdin;
+            agent
+                .containers
+                .exec_process(ctx(timeout), &r)
+                .await
+                .map_err(|e| agent_err("ExecProcess", e))?;
+            req.stdin
+        };
+        let (id, ex) = (container.to_string(), exec_id.to_string());
+        Ok(ProcessIo {
+            stdin: stdin.then(|| stdin_writer(agent.clone(), id.clone(), ex.clone())),
+            stdout: Some(output_reader(agent.clone(), id.clone(), ex.clone(), false)),
+            stderr: Some(output_reader(agent, id, ex, true)),
+        })
+    }
+
+    async fn wait(&self, container: &str, exec_id: &str) -> Result<ExitStatus> {
+        let (agent, _) = self.agent().await?;
+        let r = agent.wait_process(container, exec_id).await?;
+        let code = if r.signal > 0 {
+            128 + r.signal as u32
+        } else {
+            r.exit_status as u32
+        };
+        Ok(ExitStatus { code })
+    }
+
+    async fn kill(&self, container: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let (agent, timeout) = self.agent().await?;
+        let mut r = pb::SignalProcessRequest::new();
+        r.container_id = container.into();
+        r.exec_id = exec_id.into();
+        r.signal = signal;
+        r.all = all;
+        agent
+            .containers
+            .signal_process(ctx(timeout), &r)
+            .await
+            .map_err(|e| agent_err("SignalProcess", e))?;
+        Ok(())
+    }
+
+    async fn close_stdin(&self, container: &str, exec_id: &str) -> Result<()> {
+        let (agent, _) = self.agent().await?;
+        Ok(agent.close_stdin(container, exec_id).await?)
+    }
+
+    async fn resize_pty(
+        &self,
+        container: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        let (agent, timeout) = self.agent().await?;
+        let mut r = pb::TtyWinResizeRequest::new();
+        r.container_id = container.into();
+        r.exec_id = exec_id.into();
+        r.rows = height;
+        r.columns = width;
+        agent
+            .io
+            .tty_win_resize(ctx(timeout), &r)
+            .await
+            .map_err(|e| agent_err("TtyWinResize", e))?;
+        Ok(())
+    }
+
+    async fn pause(&self, container: &str) -> Result<()> {
+        let (agent, timeout) = self.agent().await?;
+        let mut r = pb::ContainerRequest::new();
+        r.container_id = container.into();
+        agent
+            .containers
+            .pause_container(ctx(timeout), &r)
+            .await
+            .map_err(|e| agent_err("PauseContainer", e))?;
+        Ok(())
+    }
+
+    async fn resume(&self, container: &str) -> Result<()> {
+        let (agent, timeout) = self.agent().await?;
+        let mut r = pb::ContainerRequest::new();
+        r.container_id = container.into();
+        agent
+            .containers
+            .resume_container(ctx(timeout), &r)
+            .await
+            .map_err(|e| agent_err("ResumeContainer", e))?;
+        Ok(())
+    }
+
+    async fn update(&self, container: &str, resources_json: &[u8]) -> Result<()> {
+        let (agent, timeout) = self.agent().await?;
+        let mut r = pb::UpdateContainerRequest::new();
+        r.container_id = container.into();
+        r.resources_json = resources_json.to_vec();
+        agent
+            .containers
+            .update_container(ctx(timeout), &r)
+            .await
+            .map_err(|e| agent_err("UpdateContainer", e))?;
+        Ok(())
+    }
+
+    async fn stats(&self, container: &str) -> Result<Any> {
+        let (agent, timeout) = self.agent().await?;
+        let mut r = pb::ContainerRequest::new();
+        r.container_id = container.into();
+        let s = agent
+            .containers
+            .stats_container(ctx(timeout), &r)
+            .await
+            .map_err(|e| agent_err("StatsContainer", e))?;
+        let mut m = m2::Metrics::new();
+        if let Some(c) = s.cpu.as_ref() {
+            m.cpu = Some(m2::CPUStat {
+                usage_usec: c.usage_usec,
+                user_usec: c.user_usec,
+                system_usec: c.system_usec,
+                nr_periods: c.nr_periods,
+                nr_throttled: c.nr_throttled,
+                throttled_usec: c.throttled_usec,
+                ..Default::default()
+            })
+            .into();
+        }
+        if let Some(mem) = s.memory.as_ref() {
+            m.memory = Some(m2::MemoryStat {
+                usage: mem.usage_bytes,
+                usage_limit: mem.limit_bytes,
+                max_usage: mem.max_usage_bytes,
+                ..Default::default()
+            })
+            .into();
+        }
+        if let Some(p) = s.pids.as_ref() {
+            m.pids = Some(m2::PidsStat {
+                current: p.current,
+                limit: p.limit,
+                ..Default::default()
+            })
+            .into();
+        }
+        let mut any = Any::new();
+        any.type_url = "io.containerd.cgroups.v2.Metrics".into();
+        any.value = m
+            .write_to_bytes()
+            .map_err(|e| Error::Other(e.to_string()))?;
+        Ok(any)
+    }
+
+    async fn pids(&self, container: &str) -> Result<Vec<u32>> {
+        let (agent, timeout) = self.agent().await?;
+        let mut r = pb::ContainerRequest::new();
+        r.container_id = container.into();
+        let l = agent
+            .containers
+            .list_processes(ctx(timeout), &r)
+            .await
+            .map_err(|e| agent_err("ListProcesses", e))?;
+        Ok(l.pids.into_iter().map(|p| p as u32).collect())
+    }
+
+    async fn delete_container(&self, container: &str) -> Result<()> {
+        let agent = self.agent().await.map(|(a, _)| a);
+        if let Ok(agent) = agent {
+            if let Err(e) = agent.remove_container(container, 5000).await {
+                tracing::warn!(%container, "remove in the guest: {e}");
+            }
+        }
+        let points = self
+            .pod
+            .lock()
+            .await
+            .as_mut()
+            .and_then(|p| p.mounts.remove(container));
+        if let Some(points) = points {
+            unmount_all(&points);
+        }
+        Ok(())
+    }
+
+    async fn stop_sandbox(&self) -> Result<()> {
+        let Some(mut pod) = self.pod.lock().await.take() else {
+            return Ok(());
+        };
+        if pod.owner.exited().is_none() {
+            let _ = pod.agent.destroy_sandbox(5000).await;
+        }
+        for (_, points) in pod.mounts.drain() {
+            unmount_all(&points);
+        }
+        pod.owner.shutdown().await;
+        remove_share(&pod.share);
+        Ok(())
+    }
+}
