@@ -2,5 +2,6 @@
 //! directly on a host with hardware virtualization.
 mod agent;
 mod run;
+mod sandbox;
 mod smoke;
 mod vmm;
