@@ -1,16 +1,11 @@
-//! The host side of a pod sandbox: launching its microVM (`husk-vmm`, plus a `virtiofsd` per
-//! shared directory) and driving the agent inside it over hybrid vsock.
-//!
-//! `husk run` is a thin layer over this crate, and so is the containerd shim: both build a
-//! [`vm::VmSpec`], [`vm::Vm::launch`] it, [`agent::Agent::connect`] to its agent, and speak
-//! the agent API.
+//! The host side of a pod sandbox: the sandbox layer ([`sandbox`]: its microVM's processes,
+//! network, state on disk, and the agent inside it) and `husk run` on top of it. The
+//! containerd shim's task service comes next, on the same layer.
 
-pub mod agent;
 pub mod containerd;
-pub mod error;
 pub mod paths;
 pub mod run;
+pub mod sandbox;
 pub mod spec;
-pub mod vm;
 
-pub use error::{Result, ShimError};
+pub use sandbox::{Result, SandboxError};

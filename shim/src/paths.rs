@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{Result, ShimError};
+use crate::{Result, SandboxError};
 
 fn exe_dir() -> Option<PathBuf> {
     std::env::current_exe()
@@ -36,7 +36,7 @@ pub fn husk_vmm() -> Result<PathBuf> {
             return Ok(c);
         }
     }
-    Err(ShimError::Missing {
+    Err(SandboxError::Missing {
         what: "husk-vmm".into(),
         hint: "build it (cargo build --workspace --bins), put it next to husk, or set HUSK_VMM"
             .into(),
@@ -59,14 +59,15 @@ pub fn guest_file(name: &str) -> Result<PathBuf> {
     if p.is_file() {
         Ok(p)
     } else {
-        Err(ShimError::Missing {
+        Err(SandboxError::Missing {
             what: format!("the guest image {}", p.display()),
             hint: "build it with guest-image/build, or point HUSK_GUEST_DIR at it".into(),
         })
     }
 }
 
-/// Where per-VM directories (sockets, logs) go: `$HUSK_RUN_DIR`, else `/run/husk`.
+/// husk's run root: sandbox directories (state, sockets, logs) go under `sandbox/` in it.
+/// `$HUSK_RUN_DIR`, else `/run/husk`.
 pub fn run_root() -> PathBuf {
     env_path("HUSK_RUN_DIR").unwrap_or_else(|| PathBuf::from("/run/husk"))
 }

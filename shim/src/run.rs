@@ -2,14 +2,14 @@
 //! exit status returned, and the VM torn down.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use husk_proto::agent as pb;
+use husk_agent_client::{Agent, Rootfs};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::agent::{Agent, Rootfs};
-use crate::vm::{ShareSpec, Vm, VmSpec};
-use crate::{spec, Result, ShimError};
+use crate::sandbox::vm::{ShareSpec, VmSpec};
+use crate::sandbox::{Result, Sandbox, SandboxConfig, SandboxError};
+use crate::spec;
 
 /// The command `husk run` runs when given none.
 pub const DEFAULT_COMMAND: &[&str] = &["sh", "-c", "echo hello from a husk microVM; uname -a"];
@@ -55,7 +55,7 @@ impl RunOptions {
 pub async fn run(mut opts: RunOptions) -> Result<i32> {
     for e in &opts.env {
         if !e.contains('=') || e.starts_with('=') {
-            return Err(ShimError::Invalid(format!(
+            return Err(SandboxError::Invalid(format!(
                 "environment variable {e:?} must be NAME=value"
             )));
         }
@@ -63,10 +63,10 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
     let rootfs: Rootfs = match &opts.image {
         Some(dir) => {
             let dir = dir.canonicalize().map_err(|e| {
-                ShimError::Invalid(format!("image directory {}: {e}", dir.display()))
+                SandboxError::Invalid(format!("image directory {}: {e}", dir.display()))
             })?;
             if !dir.join("bin").is_dir() && !dir.join("usr").is_dir() {
-                return Err(ShimError::Invalid(format!(
+                return Err(SandboxError::Invalid(format!(
                     "{} does not look like a root filesystem (no bin/ or usr/)",
                     dir.display()
                 )));
@@ -89,48 +89,25 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
         opts.args.clone()
     };
 
-    let id = format!("run-{}-{}", std::process::id(), unique_suffix());
-    let started = Instant::now();
-    // Not in spawn_blocking: the children's parent-death signal fires when the thread that
-    // forked them exits, and blocking-pool threads exit when idle. Runtime workers live on.
-    let mut vm = Vm::launch(&id, &opts.vm)?;
-    let uds = vm.vsock_uds().to_path_buf();
-    let agent = Agent::connect(
-        &uds,
-        husk_proto::AGENT_VSOCK_PORT,
-        started + opts.boot_timeout,
-        || vm.vmm_exit(),
-    )
+    let mut sandbox = Sandbox::create(SandboxConfig {
+        id: format!("run-{}-{}", std::process::id(), unique_suffix()),
+        hostname: "husk".into(),
+        vm: opts.vm,
+        boot_timeout: opts.boot_timeout,
+    })
     .await?;
-    tracing::debug!(ms = started.elapsed().as_millis() as u64, "agent answered");
-
-    let mut sb = pb::CreateSandboxRequest::new();
-    sb.sandbox_id = id.clone();
-    sb.hostname = "husk".into();
-    sb.guest_time_unix_nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
-    for share in &opts.vm.shares {
-        let mut s = pb::Share::new();
-        s.tag = share.tag.clone();
-        s.readonly = share.readonly;
-        sb.shares.push(s);
-    }
-    agent.create_sandbox(&sb).await?;
     let spec = spec::default_spec(&args, &opts.env, false);
-    agent
-        .create_container(CONTAINER_ID, &spec, &rootfs, opts.stdin)
+    sandbox
+        .create_container(CONTAINER_ID, &spec, rootfs, opts.stdin)
         .await?;
-    agent.start_container(CONTAINER_ID).await?;
+    sandbox.start_container(CONTAINER_ID).await?;
 
+    let agent = sandbox.agent().clone();
     let out = tokio::spawn(copy_output(agent.clone(), false, tokio::io::stdout()));
     let err = tokio::spawn(copy_output(agent.clone(), true, tokio::io::stderr()));
-    let input = opts
-        .stdin
-        .then(|| tokio::spawn(forward_stdin(agent.clone())));
+    let input = opts.stdin.then(|| tokio::spawn(forward_stdin(agent)));
     // No deadline: the command runs as long as it runs.
-    let status = agent.wait_process(CONTAINER_ID, "").await?;
+    let status = sandbox.wait_process(CONTAINER_ID, "").await?;
     for task in [out, err] {
         if let Ok(Err(e)) = task.await {
             tracing::warn!("output: {e}");
@@ -139,16 +116,10 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
     if let Some(t) = input {
         t.abort();
     }
-    if let Err(e) = agent.remove_container(CONTAINER_ID, 5000).await {
+    if let Err(e) = sandbox.remove_container(CONTAINER_ID, 5000).await {
         tracing::warn!("{e}");
     }
-    if let Err(e) = agent.destroy_sandbox(5000).await {
-        tracing::warn!("{e}");
-    }
-    drop(agent);
-    tokio::task::spawn_blocking(move || vm.shutdown())
-        .await
-        .map_err(|e| ShimError::Invalid(format!("VM shutdown task failed: {e}")))??;
+    sandbox.shutdown().await?;
     Ok(status.exit_status)
 }
 
@@ -159,10 +130,10 @@ async fn copy_output(agent: Agent, stderr: bool, mut w: impl AsyncWrite + Unpin)
         if !data.is_empty() {
             w.write_all(&data)
                 .await
-                .map_err(|e| ShimError::io("write output", e))?;
+                .map_err(|e| SandboxError::io("write output", e))?;
             w.flush()
                 .await
-                .map_err(|e| ShimError::io("write output", e))?;
+                .map_err(|e| SandboxError::io("write output", e))?;
         }
         if eof {
             return Ok(());
@@ -178,7 +149,7 @@ async fn forward_stdin(agent: Agent) -> Result<()> {
         let n = stdin
             .read(&mut buf)
             .await
-            .map_err(|e| ShimError::io("read stdin", e))?;
+            .map_err(|e| SandboxError::io("read stdin", e))?;
         if n == 0 {
             break;
         }

@@ -20,7 +20,7 @@ pub fn guest_dir() -> PathBuf {
 /// host cannot run microVMs. Deselecting KVM tests is done by not building them
 /// (the `kvm` feature), never by skipping here.
 pub fn require_kvm() {
-    if let Err(e) = vmm::check::check_host() {
+    if let Err(e) = husk_vmm_api::check::check_host() {
         panic!("this test needs a usable KVM and cannot run here: {e}");
     }
 }
@@ -37,11 +37,14 @@ pub mod containerd;
 pub mod vmm_proc {
     //! Runs husk-vmm as a child process and collects what it printed.
     use std::io::Read;
+
+    pub use husk_vmm_api::VmmExitStatus;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
     pub struct Output {
-        pub code: Option<i32>,
+        /// How husk-vmm exited; `None` if it had to be killed at the deadline.
+        pub status: Option<VmmExitStatus>,
         pub stdout: String,
         pub stderr: String,
     }
@@ -61,7 +64,7 @@ pub mod vmm_proc {
                 Some(l) if l.contains(" PASS") => l,
                 _ => panic!(
                     "guest test {test} did not pass (exit {:?})\n--- serial ---\n{}\n--- vmm log ---\n{}",
-                    self.code, self.stdout, self.stderr
+                    self.status, self.stdout, self.stderr
                 ),
             }
         }
@@ -98,9 +101,9 @@ pub mod vmm_proc {
             s
         });
         let deadline = Instant::now() + timeout;
-        let code = loop {
+        let status = loop {
             if let Some(st) = child.try_wait().expect("wait for husk-vmm") {
-                break st.code();
+                break Some(VmmExitStatus::from_exit_status(st));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -110,7 +113,7 @@ pub mod vmm_proc {
             std::thread::sleep(Duration::from_millis(20));
         };
         Output {
-            code,
+            status,
             stdout: o.join().unwrap_or_default(),
             stderr: e.join().unwrap_or_default(),
         }
@@ -127,7 +130,7 @@ pub mod vmm_proc {
 
 pub mod leaks {
     //! What a test must leave as it found it: VMM and virtiofsd processes, mounts, network
-    //! interfaces and husk's per-VM run directories.
+    //! interfaces and husk's sandbox directories.
     use std::collections::BTreeSet;
     use std::process::Command;
     use std::time::{Duration, Instant};
@@ -138,7 +141,7 @@ pub mod leaks {
         processes: BTreeSet<String>,
         mounts: BTreeSet<String>,
         links: BTreeSet<String>,
-        vm_dirs: BTreeSet<String>,
+        sandbox_dirs: BTreeSet<String>,
     }
 
     fn vm_processes() -> BTreeSet<String> {
@@ -184,7 +187,9 @@ pub mod leaks {
                 // Mount point and source: mount ids change with every remount.
                 mounts: lines_of("/proc/self/mounts", None),
                 links: dir_names(std::path::Path::new("/sys/class/net")),
-                vm_dirs: dir_names(&husk_shim::paths::run_root().join("vm")),
+                sandbox_dirs: dir_names(&husk_shim::sandbox::state::sandboxes_dir(
+                    &husk_shim::paths::run_root(),
+                )),
             }
         }
 
@@ -202,11 +207,11 @@ pub mod leaks {
                         b.difference(a).cloned().collect::<Vec<_>>()
                     };
                     panic!(
-                        "left behind: processes {:?}, mounts {:?}, links {:?}, VM dirs {:?}",
+                        "left behind: processes {:?}, mounts {:?}, links {:?}, sandbox dirs {:?}",
                         diff(&self.processes, &now.processes),
                         diff(&self.mounts, &now.mounts),
                         diff(&self.links, &now.links),
-                        diff(&self.vm_dirs, &now.vm_dirs),
+                        diff(&self.sandbox_dirs, &now.sandbox_dirs),
                     );
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -247,12 +252,12 @@ pub mod leaks {
 }
 
 pub mod pod {
-    //! Pod VMs for the KVM tests and benchmarks: the built guest images and VMM, and a VM
-    //! booted up to its agent answering.
+    //! Pod VMs for the KVM tests and benchmarks: the built guest images and VMM, and a
+    //! sandbox booted up to its agent answering.
     use std::time::{Duration, Instant};
 
-    use husk_shim::agent::Agent;
-    use husk_shim::vm::{Vm, VmSpec};
+    use husk_shim::sandbox::vm::VmSpec;
+    use husk_shim::sandbox::{Sandbox, SandboxConfig};
 
     /// The pod VM of this build tree (`guest-image/build`, `cargo build --bins`).
     pub fn spec() -> VmSpec {
@@ -262,29 +267,20 @@ pub mod pod {
         spec
     }
 
-    /// Launches `spec` as VM `name` and connects to its agent; panics with the reason if
-    /// either fails. Also returns the time from launch to the agent's first answer.
-    pub async fn boot(name: &str, spec: &VmSpec) -> (Vm, Agent, Duration) {
+    /// Creates sandbox `name` (guest hostname `hostname`) on `spec`; panics with the reason
+    /// if it fails. Also returns the time from launch to the sandbox being created in the
+    /// guest (the agent's first answer, plus CreateSandbox).
+    pub async fn boot(name: &str, hostname: &str, spec: &VmSpec) -> (Sandbox, Duration) {
         let t = Instant::now();
-        let mut vm = Vm::launch(name, spec).unwrap_or_else(|e| panic!("launch the VM: {e}"));
-        let uds = vm.vsock_uds().to_path_buf();
-        let agent = Agent::connect(
-            &uds,
-            husk_proto::AGENT_VSOCK_PORT,
-            Instant::now() + Duration::from_secs(180),
-            || vm.vmm_exit(),
-        )
+        let sandbox = Sandbox::create(SandboxConfig {
+            id: name.into(),
+            hostname: hostname.into(),
+            vm: spec.clone(),
+            boot_timeout: Duration::from_secs(180),
+        })
         .await
-        .unwrap_or_else(|e| panic!("reach the agent: {e}"));
-        (vm, agent, t.elapsed())
-    }
-
-    /// A sandbox named and hostnamed `id`.
-    pub async fn create_sandbox(agent: &Agent, id: &str) {
-        let mut req = husk_proto::agent::CreateSandboxRequest::new();
-        req.sandbox_id = id.into();
-        req.hostname = id.into();
-        agent.create_sandbox(&req).await.expect("CreateSandbox");
+        .unwrap_or_else(|e| panic!("create the sandbox: {e}"));
+        (sandbox, t.elapsed())
     }
 
     /// A tokio runtime for a test.

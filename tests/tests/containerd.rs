@@ -185,7 +185,7 @@ fn husk_shim_answers_through_containerd_and_fails_cleanly() {
         Ok(pod) => panic!("a pod {} ran with no VMM binary", pod.id),
         Err(e) => e.status.message().to_string(),
     };
-    let expected = match vmm::check::check_host() {
+    let expected = match husk_vmm_api::check::check_host() {
         Err(_) => "this host cannot run husk microVMs",
         Ok(()) => "/nonexistent/husk-vmm",
     };
@@ -217,7 +217,7 @@ fn husk_shim_answers_through_containerd_and_fails_cleanly() {
         Duration::from_secs(300),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    match vmm::check::check_host() {
+    match husk_vmm_api::check::check_host() {
         Err(_) => assert!(
             !out.status.success() && stderr.contains("this host cannot run husk microVMs"),
             "ctr run with our runtime must fail in the shim's Create here: {stderr}"

@@ -15,6 +15,7 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{BlockConfig, FsConfig, NetConfig, SerialConfig, VsockConfig};
 use crate::arch::layout::{self, FIRST_DEVICE_IRQ, LAST_IRQ, MMIO_DEVICES_START, MMIO_DEVICE_SIZE};
 use crate::arch::{mptable, pvh};
 use crate::devices::bus::Bus;
@@ -34,44 +35,6 @@ use crate::vstate::VmExit;
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd";
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum SerialOutput {
-    #[default]
-    Stdout,
-    None,
-    File(PathBuf),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-}
-
-#[derive(Debug)]
-pub enum TapSource {
-    Name(String),
-    Fd(OwnedFd),
-}
-
-#[derive(Debug)]
-pub struct NetConfig {
-    pub tap: TapSource,
-    pub mac: Option<[u8; 6]>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FsConfig {
-    pub socket: PathBuf,
-    pub tag: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VsockConfig {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
-}
-
 #[derive(Debug)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -80,11 +43,13 @@ pub struct VmConfig {
     pub extra_cmdline: String,
     pub mem_mib: u64,
     pub vcpus: u8,
-    pub serial: SerialOutput,
+    pub serial: SerialConfig,
     pub blocks: Vec<BlockConfig>,
+    /// A `tap_fd` is an index into `tap_fds`.
     pub nets: Vec<NetConfig>,
     pub fs: Vec<FsConfig>,
     pub vsock: Option<VsockConfig>,
+    pub tap_fds: Vec<OwnedFd>,
 }
 
 impl Default for VmConfig {
@@ -95,11 +60,12 @@ impl Default for VmConfig {
             extra_cmdline: String::new(),
             mem_mib: 128,
             vcpus: 1,
-            serial: SerialOutput::Stdout,
+            serial: SerialConfig::Stdout,
             blocks: vec![],
             nets: vec![],
             fs: vec![],
             vsock: None,
+            tap_fds: vec![],
         }
     }
 }
@@ -176,12 +142,12 @@ fn guest_memory(cfg: &VmConfig) -> Result<GuestMemory, BuildError> {
     }
 }
 
-fn serial_writer(out: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
+fn serial_writer(out: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
     Ok(match out {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::Disabled => Box::new(std::io::sink()),
         // The guest decides how much it prints: the file keeps at most a fixed amount.
-        SerialOutput::File(p) => {
+        SerialConfig::File(p) => {
             let what = || format!("serial output {}", p.display());
             let file = OpenOptions::new()
                 .create(true)
@@ -265,22 +231,35 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     )))?;
     for b in &cfg.blocks {
         let what = format!("disk {}", b.path.display());
-        let d = block::Block::new(&b.path, b.read_only).map_err(|e| dev_err(&what, e))?;
+        let mut d = block::Block::new(&b.path, b.read_only).map_err(|e| dev_err(&what, e))?;
+        if let Some(id) = &b.id {
+            d = d.with_serial(id);
+        }
         devices.add(Arc::new(Mutex::new(d)))?;
     }
+    let mut tap_fds: Vec<Option<OwnedFd>> = cfg.tap_fds.drain(..).map(Some).collect();
     for n in cfg.nets.drain(..) {
-        let d = match n.tap {
-            TapSource::Name(name) => net::Net::new_with_tap_name(&name, n.mac)
+        let mac = n.mac.map(|m| m.0);
+        let d = match (n.tap_name, n.tap_fd) {
+            (Some(name), _) => net::Net::new_with_tap_name(&name, mac)
                 .map_err(|e| dev_err(format!("tap {name}"), e))?,
-            TapSource::Fd(fd) => {
-                net::Net::new_with_tap_fd(fd, n.mac).map_err(|e| dev_err("tap fd", e))?
+            (None, Some(i)) => {
+                let fd = tap_fds.get_mut(i).and_then(Option::take).ok_or_else(|| {
+                    BuildError::Config(format!("net device: no tap fd number {i}"))
+                })?;
+                net::Net::new_with_tap_fd(fd, mac).map_err(|e| dev_err("tap fd", e))?
+            }
+            (None, None) => {
+                return Err(BuildError::Config(
+                    "net device: neither a tap name nor a tap fd".into(),
+                ))
             }
         };
         devices.add(Arc::new(Mutex::new(d)))?;
     }
     for f in &cfg.fs {
-        let d = fs::Fs::new(&f.socket, &f.tag, 1, fs::DEFAULT_QUEUE_SIZE)
-            .map_err(|e| dev_err(format!("virtio-fs {}", f.socket.display()), e))?;
+        let d = fs::Fs::new(&f.socket_path, &f.tag, 1, fs::DEFAULT_QUEUE_SIZE)
+            .map_err(|e| dev_err(format!("virtio-fs {}", f.socket_path.display()), e))?;
         devices.add(Arc::new(Mutex::new(d)))?;
     }
     if let Some(v) = &cfg.vsock {

@@ -11,10 +11,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::api::{self, ApiHandler, Request, Response, VmState, VmStatus};
-use crate::builder::{
-    self, BlockConfig, BuiltVm, FsConfig, NetConfig, RunningVcpus, SerialOutput, Subscriber,
-    TapSource, VmConfig, VsockConfig,
-};
+use crate::builder::{self, BuiltVm, RunningVcpus, Subscriber, VmConfig};
 use crate::cleanup::{self, CleanupGuard};
 use crate::seccomp::{self, ThreadKind};
 use crate::vstate::startup::FirstRun;
@@ -176,17 +173,13 @@ impl Controller {
         }
     }
 
-    fn configure(&mut self, c: api::VmConfig) {
+    fn configure(&mut self, c: api::MachineConfig) {
         self.cfg.kernel = c.kernel;
         self.cfg.initramfs = c.initramfs;
         self.cfg.extra_cmdline = c.cmdline.unwrap_or_default();
         self.cfg.mem_mib = u64::from(c.mem_mib);
         self.cfg.vcpus = c.vcpus;
-        self.cfg.serial = match c.serial {
-            api::SerialConfig::Stdout => SerialOutput::Stdout,
-            api::SerialConfig::Disabled => SerialOutput::None,
-            api::SerialConfig::File(p) => SerialOutput::File(p),
-        };
+        self.cfg.serial = c.serial;
         self.configured = true;
     }
 }
@@ -199,31 +192,20 @@ impl ApiHandler for Controller {
         }
         match req {
             Request::Configure(c) => self.configure(c),
-            Request::AddBlock(b) => self.cfg.blocks.push(BlockConfig {
-                path: b.path,
-                read_only: b.read_only,
-            }),
-            Request::AddNet(n) => {
-                let tap = match (n.tap_name, n.tap_fd) {
-                    (Some(name), _) => TapSource::Name(name),
-                    (None, Some(i)) if i < fds.len() => TapSource::Fd(fds.swap_remove(i)),
-                    _ => return Response::error("add_net: tap_fd does not name a passed fd"),
-                };
-                self.cfg.nets.push(NetConfig {
-                    tap,
-                    mac: n.mac.map(|m| m.0),
-                });
+            Request::AddBlock(b) => self.cfg.blocks.push(b),
+            Request::AddNet(mut n) => {
+                if let Some(i) = n.tap_fd {
+                    if i >= fds.len() {
+                        return Response::error("add_net: tap_fd does not name a passed fd");
+                    }
+                    // From an index into this request's fds to one into the VM's.
+                    self.cfg.tap_fds.push(fds.swap_remove(i));
+                    n.tap_fd = Some(self.cfg.tap_fds.len() - 1);
+                }
+                self.cfg.nets.push(n);
             }
-            Request::AddFs(f) => self.cfg.fs.push(FsConfig {
-                socket: f.socket_path,
-                tag: f.tag,
-            }),
-            Request::AddVsock(v) => {
-                self.cfg.vsock = Some(VsockConfig {
-                    guest_cid: v.guest_cid,
-                    uds_path: v.uds_path,
-                })
-            }
+            Request::AddFs(f) => self.cfg.fs.push(f),
+            Request::AddVsock(v) => self.cfg.vsock = Some(v),
             Request::Start => {
                 if let Err(e) = self.start(Instant::now()) {
                     tracing::error!("{e}");

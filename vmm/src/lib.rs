@@ -2,11 +2,11 @@
 //!
 //! Layout follows Firecracker's `src/vmm`: `arch` is the guest's memory layout and boot
 //! structures, `vstate` owns KVM objects, `devices` the emulated hardware, `builder`
-//! puts a VM together from a `VmConfig`, `api` is the control socket.
+//! puts a VM together from a `VmConfig`, `api` serves the control socket. The API's types,
+//! client and the per-device configs are in the `husk-vmm-api` crate (`vmm/api`).
 pub mod api;
 pub mod arch;
 pub mod builder;
-pub mod check;
 pub mod cleanup;
 pub mod controller;
 pub mod devices;

@@ -1,7 +1,8 @@
 //! husk-vmm: boots one microVM and runs it until the guest ends.
 //!
-//! Exit status: 0 the guest shut down or rebooted (or the API stopped it), 1 the VM could
-//! not be set up, 2 usage error, 3 the guest kernel panicked, 4 a vCPU failed.
+//! Exit status ([`VmmExitStatus`]): 0 the guest shut down or rebooted (or the API stopped
+//! it), 1 the VM could not be set up, 2 usage error, 3 the guest kernel panicked, 4 a vCPU
+//! failed.
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,10 +12,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use event_manager::{EventManager, SubscriberOps};
-use vmm::api::{ApiServer, MacAddr};
-use vmm::builder::{
-    BlockConfig, FsConfig, NetConfig, SerialOutput, Subscriber, TapSource, VmConfig, VsockConfig,
+use vmm::api::{
+    ApiHandler, ApiServer, BlockConfig, FsConfig, MachineConfig, NetConfig, Request, SerialConfig,
+    VmmExitStatus, VsockConfig,
 };
+use vmm::builder::Subscriber;
 use vmm::controller::{Controller, JailSpec, Options};
 use vmm::vstate::ExitReason;
 
@@ -33,7 +35,7 @@ struct Args {
     cmdline: String,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
-    mem: u64,
+    mem: u32,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
@@ -44,18 +46,19 @@ struct Args {
     /// Guest CID for vsock.
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
-    /// A raw disk image: PATH or PATH,ro. Repeatable.
+    /// A raw disk image: PATH[,ro][,id=SERIAL] (SERIAL: the disk's serial in the guest,
+    /// at most 20 bytes). Repeatable.
     #[arg(long)]
-    block: Vec<String>,
+    block: Vec<BlockConfig>,
     /// A tap device by name: NAME or NAME,mac=aa:bb:cc:dd:ee:ff. Repeatable.
     #[arg(long)]
-    net_tap: Vec<String>,
+    net_tap: Vec<NetConfig>,
     /// virtio-fs through vhost-user: SOCKET,tag=TAG. Repeatable.
     #[arg(long)]
-    fs_socket: Vec<String>,
+    fs_socket: Vec<FsConfig>,
     /// Guest console: stdout, none, or a file path.
     #[arg(long, default_value = "stdout")]
-    serial: String,
+    serial: SerialConfig,
     /// Control API socket (newline-delimited JSON; see the `api` module docs).
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -72,62 +75,30 @@ struct Args {
     no_seccomp: bool,
 }
 
-fn config_from_args(a: Args, kernel: PathBuf) -> anyhow::Result<VmConfig> {
-    let mut cfg = VmConfig {
+/// The command line as the API requests it stands for: both paths configure the VM through
+/// the same [`Controller::handle`].
+fn requests_from_args(a: Args, kernel: PathBuf) -> Vec<Request> {
+    let mut reqs = vec![Request::Configure(MachineConfig {
         kernel,
         initramfs: a.initramfs,
-        extra_cmdline: a.cmdline,
+        cmdline: Some(a.cmdline),
         mem_mib: a.mem,
         vcpus: a.vcpus,
-        serial: match a.serial.as_str() {
-            "stdout" => SerialOutput::Stdout,
-            "none" => SerialOutput::None,
-            p => SerialOutput::File(p.into()),
-        },
-        vsock: a.vsock_uds.map(|uds_path| VsockConfig {
+        serial: a.serial,
+    })];
+    reqs.extend(a.block.into_iter().map(Request::AddBlock));
+    reqs.extend(a.net_tap.into_iter().map(Request::AddNet));
+    reqs.extend(a.fs_socket.into_iter().map(Request::AddFs));
+    reqs.extend(a.vsock_uds.map(|uds_path| {
+        Request::AddVsock(VsockConfig {
             guest_cid: a.vsock_cid,
             uds_path,
-        }),
-        ..Default::default()
-    };
-    for b in a.block {
-        let (path, ro) = match b.strip_suffix(",ro") {
-            Some(p) => (p, true),
-            None => (b.as_str(), false),
-        };
-        cfg.blocks.push(BlockConfig {
-            path: path.into(),
-            read_only: ro,
-        });
-    }
-    for n in a.net_tap {
-        let mut it = n.split(',');
-        let name = it.next().unwrap_or_default().to_string();
-        let mut mac = None;
-        for opt in it {
-            match opt.strip_prefix("mac=") {
-                Some(m) => mac = Some(MacAddr::parse(m).map_err(|e| anyhow::anyhow!(e))?.0),
-                None => bail!("unknown --net-tap option {opt:?}"),
-            }
-        }
-        cfg.nets.push(NetConfig {
-            tap: TapSource::Name(name),
-            mac,
-        });
-    }
-    for f in a.fs_socket {
-        let Some((sock, tag)) = f.split_once(",tag=") else {
-            bail!("--fs-socket wants SOCKET,tag=TAG, got {f:?}");
-        };
-        cfg.fs.push(FsConfig {
-            socket: sock.into(),
-            tag: tag.into(),
-        });
-    }
-    Ok(cfg)
+        })
+    }));
+    reqs
 }
 
-fn run(args: Args, start: Instant) -> anyhow::Result<i32> {
+fn run(args: Args, start: Instant) -> anyhow::Result<VmmExitStatus> {
     let jail = match (&args.jail, args.uid, args.gid) {
         (Some(dir), Some(uid), Some(gid)) => Some(JailSpec {
             dir: dir.clone(),
@@ -154,9 +125,16 @@ fn run(args: Args, start: Instant) -> anyhow::Result<i32> {
     }
     match args.kernel.clone() {
         Some(kernel) => {
-            let cfg = config_from_args(args, kernel)?;
             let mut c = lock(&ctl);
-            c.set_config(cfg);
+            for req in requests_from_args(args, kernel) {
+                let op = req.op();
+                let checked = req.validate(0).map(|()| c.handle(req, Vec::new()));
+                match checked {
+                    Ok(resp) if resp.ok => {}
+                    Ok(resp) => bail!("{op}: {}", resp.error.unwrap_or_default()),
+                    Err(e) => bail!("{e}"),
+                }
+            }
             c.start(start).map_err(|e| anyhow::anyhow!(e))?;
         }
         None if api_sock.is_none() => {
@@ -183,7 +161,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<i32> {
     if let Some(p) = &api_sock {
         let _ = std::fs::remove_file(p);
     }
-    Ok(reason.exit_code())
+    Ok(reason.exit_status())
 }
 
 fn lock(c: &Mutex<Controller>) -> std::sync::MutexGuard<'_, Controller> {
@@ -217,15 +195,16 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = forbid_core_dumps() {
         tracing::error!("cannot set RLIMIT_CORE to 0: {e}");
-        return ExitCode::from(1);
+        std::process::exit(VmmExitStatus::SetupFailed.code().unwrap_or(1));
     }
-    let code = match run(args, start) {
-        Ok(code) => code,
+    let status = match run(args, start) {
+        Ok(status) => status,
         Err(e) => {
             tracing::error!("{e:#}");
-            1
+            VmmExitStatus::SetupFailed
         }
     };
+    let code = status.code().unwrap_or(1);
     let _ = std::io::stdout().flush();
     // vCPU threads may still sit in KVM_RUN; ending the process ends them.
     std::process::exit(code)

@@ -99,11 +99,11 @@ pub struct TestAgent {
     pub sandbox_id: String,
     /// The clients, shared with husk run and the shim; fields and calls of `Agent` are
     /// reached through `Deref`.
-    pub api: husk_shim::agent::Agent,
+    pub api: husk_agent_client::Agent,
 }
 
 impl std::ops::Deref for TestAgent {
-    type Target = husk_shim::agent::Agent;
+    type Target = husk_agent_client::Agent;
     fn deref(&self) -> &Self::Target {
         &self.api
     }
@@ -218,7 +218,7 @@ impl TestAgent {
             child,
             guest,
             sandbox_id,
-            api: husk_shim::agent::Agent::from_client(client),
+            api: husk_agent_client::Agent::from_client(client),
         }
     }
 

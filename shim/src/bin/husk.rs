@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use husk_shim::run::{self, RunOptions};
-use husk_shim::ShimError;
+use husk_shim::SandboxError;
 
 #[derive(Parser)]
 #[command(name = "husk", version, about = "husk: pod sandboxes in KVM microVMs")]
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Check => match vmm::check::check_host() {
+        Cmd::Check => match husk_vmm_api::check::check_host() {
             Ok(()) => {
                 println!("husk check: ok: /dev/kvm is usable with hardware virtualization; this host can run husk microVMs");
                 ExitCode::SUCCESS
@@ -94,8 +94,8 @@ fn main() -> ExitCode {
 /// has them: 125 when husk failed, 130/143 when interrupted.
 fn run_cmd(args: RunArgs) -> anyhow::Result<i32> {
     // Refuse before anything else, with husk check's explanation.
-    if let Err(e) = vmm::check::check_host() {
-        return Err(ShimError::NoKvm(e.to_string()).into());
+    if let Err(e) = husk_vmm_api::check::check_host() {
+        return Err(SandboxError::NoKvm(e.to_string()).into());
     }
     let mut opts = RunOptions::new()?;
     opts.image = args.image;

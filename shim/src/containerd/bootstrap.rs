@@ -267,12 +267,14 @@ fn is_our_shim(pid: i32) -> bool {
     }
 }
 
-/// HOOK for the sandbox layer (issue 9, "state on disk"): remove everything a dead shim's
-/// sandbox left — VMM and virtiofsd processes, taps, the netns it made, share mounts, the
-/// state directory — from `/run/husk/sandbox/<id>/state.json`. The reshape's
-/// `shim/src/sandbox/state` implements it; until then there is no such state to clean.
+/// Removes everything a dead shim's sandbox left (VMM and virtiofsd processes, taps, the
+/// netns it made, mounts, the sandbox directory) from its state on disk
+/// (`/run/husk/sandbox/<id>/state.json`, kept by the sandbox layer).
 pub fn cleanup_sandbox_state(namespace: &str, sandbox_id: &str) {
-    tracing::debug!(%namespace, %sandbox_id, "no sandbox state layer yet: nothing more to clean");
+    let id = super::vm_runtime::sandbox_vm_id(sandbox_id);
+    if let Err(e) = crate::sandbox::Sandbox::cleanup_from_state(&id) {
+        tracing::warn!(%namespace, %sandbox_id, "clean up the sandbox from its state: {e}");
+    }
 }
 
 /// Writes a DeleteResponse to stdout as containerd reads it (raw protobuf).

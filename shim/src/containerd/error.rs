@@ -28,7 +28,10 @@ pub enum Error {
     },
     /// The sandbox layer (VM, agent) failed.
     #[error(transparent)]
-    Sandbox(#[from] crate::ShimError),
+    Sandbox(#[from] crate::SandboxError),
+    /// An agent call failed.
+    #[error(transparent)]
+    Agent(#[from] husk_agent_client::AgentError),
     #[error("{0}")]
     Other(String),
 }

@@ -1,19 +1,15 @@
-//! [`PodRuntime`] on the crate's present `vm::Vm` and `agent::Agent`, as `husk run` uses
-//! them. One file on purpose: the reshape's `sandbox/` layer (`Sandbox {vm, agent,
-//! containers}`, state on disk, network, shares) replaces it whole.
+//! [`PodRuntime`] on the sandbox layer ([`Sandbox`]: the VM's processes owned by pidfd,
+//! state on disk for a cleanup from a fresh process, the agent).
 //!
-//! What it does: the sandbox's Create launches husk-vmm (+ one virtiofsd exporting the
-//! pod's shared directory `<run root>/share/<sandbox id>`) from a dedicated thread that owns
-//! the VM (the children's parent-death signal is tied to the forking thread), connects to
-//! the agent and sends CreateSandbox. Each container's rootfs is mounted on
+//! The sandbox's Create boots a [`Sandbox`] (husk-vmm + one virtiofsd exporting the pod's
+//! shared directory `<run root>/share/<sandbox id>`). Each container's rootfs is mounted on
 //! `<bundle>/rootfs` and bind-mounted into the share; host bind mounts of its spec go the
-//! same way. What it does not do yet (the sandbox layer's work): pod networking (no tap in
-//! the CNI netns: the guest has no NIC), host cgroups, OOM events, state on disk.
+//! same way. Not yet: pod networking (no tap in the CNI netns: the guest has no NIC) and
+//! host cgroups.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex as StdMutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use containerd_shim::protos::cgroups_v2::metrics as m2;
@@ -27,87 +23,22 @@ use super::error::{Error, Result};
 use super::pod_spec;
 use super::runtime::{ContainerRequest, ExecRequest, ExitStatus, PodRuntime, SandboxRequest};
 use super::stdio::ProcessIo;
-use crate::agent::{ctx, Agent};
-use crate::vm::{ShareSpec, Vm, VmSpec};
+use crate::sandbox::vm::{ShareSpec, VmSpec};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use husk_agent_client::{ctx, Agent};
 
 /// The virtio-fs tag of the pod's shared directory.
 const SHARE_TAG: &str = "pod";
 
-/// The thread that owns the VM: launches it, watches the VMM, tears it down on request.
-struct VmOwner {
-    stop: mpsc::Sender<()>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// Set by the owner thread when the VMM ended by itself.
-    exited: Arc<StdMutex<Option<String>>>,
-}
-
-impl VmOwner {
-    fn launch(id: &str, spec: VmSpec) -> Result<(VmOwner, PathBuf, u32)> {
-        let (stop, stop_rx) = mpsc::channel::<()>();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let exited = Arc::new(StdMutex::new(None));
-        let exited2 = exited.clone();
-        let id = id.to_string();
-        let thread = std::thread::Builder::new()
-            .name("husk-vm-owner".into())
-            .spawn(move || {
-                let mut vm = match Vm::launch(&id, &spec) {
-                    Ok(vm) => vm,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok((
-                    vm.vsock_uds().to_path_buf(),
-                    vm.vmm_pid().unwrap_or(0),
-                )));
-                // A blocking wait on a thread of its own, not on the async runtime.
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stop_rx.recv_timeout(Duration::from_millis(200))
-                {
-                    if let Some(e) = vm.vmm_exit() {
-                        *exited2.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                    }
-                }
-                if let Err(e) = vm.shutdown() {
-                    tracing::warn!("VM shutdown: {e}");
-                }
-            })
-            .map_err(|e| Error::io("spawn the VM owner thread", e))?;
-        let (uds, pid) = ready_rx
-            .recv()
-            .map_err(|_| Error::Other("the VM owner thread died".into()))??;
-        Ok((
-            VmOwner {
-                stop,
-                thread: Some(thread),
-                exited,
-            },
-            uds,
-            pid,
-        ))
-    }
-
-    fn exited(&self) -> Option<String> {
-        self.exited
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.send(());
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-    }
+/// The sandbox layer's id for containerd's sandbox `id`: ids become socket names, and the
+/// first 32 characters of containerd's (64 hex digits from CRI) are unique enough.
+pub fn sandbox_vm_id(id: &str) -> String {
+    id.chars().take(32).collect()
 }
 
 /// The booted pod.
 struct Pod {
-    owner: VmOwner,
-    agent: Agent,
+    sandbox: Sandbox,
     share: PathBuf,
     call_timeout: Duration,
     /// Host mount points per container, unmounted in reverse order at delete.
@@ -134,7 +65,7 @@ fn agent_err(call: &'static str, e: husk_proto::ttrpc::Error) -> Error {
             return Error::NotFound(format!("agent {call}: {}", s.message()));
         }
     }
-    Error::Sandbox(crate::ShimError::agent(call, e))
+    Error::Agent(husk_agent_client::AgentError::call(call, e))
 }
 
 fn mount(
@@ -311,12 +242,12 @@ impl VmRuntime {
         let p = pod
             .as_ref()
             .ok_or_else(|| Error::FailedPrecondition("the pod's VM is not running".into()))?;
-        if let Some(e) = p.owner.exited() {
+        if let Some(e) = p.sandbox.vm().vmm_exit() {
             return Err(Error::FailedPrecondition(format!(
                 "the pod's VM is gone: {e}"
             )));
         }
-        Ok((p.agent.clone(), p.call_timeout))
+        Ok((p.sandbox.agent().clone(), p.call_timeout))
     }
 }
 
@@ -347,8 +278,7 @@ impl PodRuntime for VmRuntime {
         if !c.vmm.as_os_str().is_empty() {
             spec.vmm_bin = Some(c.vmm.clone());
         }
-        // VM ids become socket names: the sandbox id's first 32 characters are unique enough.
-        let vm_id: String = req.id.chars().take(32).collect();
+        let vm_id = sandbox_vm_id(&req.id);
         let share = crate::paths::run_root().join("share").join(&vm_id);
         std::fs::create_dir_all(&share)
             .map_err(|e| Error::io(format!("create {}", share.display()), e))?;
@@ -357,48 +287,22 @@ impl PodRuntime for VmRuntime {
             dir: share.clone(),
             readonly: false,
         });
-        let started = Instant::now();
-        let (owner, uds, pid) = match VmOwner::launch(&vm_id, spec) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = std::fs::remove_dir(&share);
-                return Err(e);
-            }
+        let cfg = SandboxConfig {
+            id: vm_id,
+            hostname: req.spec["hostname"].as_str().unwrap_or("").to_string(),
+            vm: spec,
+            boot_timeout: c.timeouts.agent_connect(),
         };
-        let exited = owner.exited.clone();
-        let agent = Agent::connect(
-            &uds,
-            husk_proto::AGENT_VSOCK_PORT,
-            started + c.timeouts.agent_connect(),
-            || exited.lock().ok()?.clone().map(crate::ShimError::Invalid),
-        )
-        .await;
-        let agent = match agent {
-            Ok(a) => a,
+        let sandbox = match Sandbox::create(cfg).await {
+            Ok(sb) => sb,
             Err(e) => {
-                owner.shutdown().await;
                 let _ = std::fs::remove_dir(&share);
                 return Err(e.into());
             }
         };
-        let mut sb = pb::CreateSandboxRequest::new();
-        sb.sandbox_id = vm_id.clone();
-        sb.hostname = req.spec["hostname"].as_str().unwrap_or("").to_string();
-        sb.guest_time_unix_nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
-        let mut s = pb::Share::new();
-        s.tag = SHARE_TAG.into();
-        sb.shares.push(s);
-        if let Err(e) = agent.create_sandbox(&sb).await {
-            owner.shutdown().await;
-            let _ = std::fs::remove_dir(&share);
-            return Err(e.into());
-        }
+        let pid = sandbox.vm().vmm_pid().unwrap_or(0) as u32;
         *slot = Some(Pod {
-            owner,
-            agent,
+            sandbox,
             share,
             call_timeout: c.timeouts.agent_call(),
             mounts: HashMap::new(),
@@ -415,7 +319,7 @@ impl PodRuntime for VmRuntime {
             let p = pod
                 .as_ref()
                 .ok_or_else(|| Error::FailedPrecondition("no pod VM".into()))?;
-            (p.agent.clone(), p.call_timeout, p.share.clone())
+            (p.sandbox.agent().clone(), p.call_timeout, p.share.clone())
         };
         let (points, mounts) = share_container(&share, &req, &binds)?;
         let mut r = pb::CreateContainerRequest::new();
@@ -655,13 +559,18 @@ impl PodRuntime for VmRuntime {
         let Some(mut pod) = self.pod.lock().await.take() else {
             return Ok(());
         };
-        if pod.owner.exited().is_none() {
-            let _ = pod.agent.destroy_sandbox(5000).await;
+        // The guest lets go of the shared files first, then they are unmounted on the host.
+        if pod.sandbox.vm().vmm_exit().is_none() {
+            if let Err(e) = pod.sandbox.agent().destroy_sandbox(5000).await {
+                tracing::warn!("destroy the sandbox in the guest: {e}");
+            }
         }
         for (_, points) in pod.mounts.drain() {
             unmount_all(&points);
         }
-        pod.owner.shutdown().await;
+        if let Err(e) = pod.sandbox.shutdown().await {
+            tracing::warn!("sandbox shutdown: {e}");
+        }
         remove_share(&pod.share);
         Ok(())
     }

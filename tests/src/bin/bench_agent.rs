@@ -1,8 +1,9 @@
 //! husk-bench-agent: the pod VM's agent, timed. Run it where KVM works (inside the lab:
 //! `tests/lab/run -- target/release/husk-bench-agent`).
 //!
-//! - boot → agent: from launching the VM (virtiofsd-less pod VM, husk-vmm spawned and
-//!   configured through its API) to the agent answering `Health.Check` over hybrid vsock.
+//! - boot → sandbox: from launching the VM (virtiofsd-less pod VM, husk-vmm spawned and
+//!   configured through its API) to the agent answering `Health.Check` over hybrid vsock
+//!   and `CreateSandbox` done (what `Sandbox::create` returns after).
 //! - container start, warm VM: `CreateContainer` + `StartContainer` + the end of `/bin/true`'s
 //!   stdout (its first and only answer: EOF) in a VM that already runs, on the embedded
 //!   busybox image. Peer: `runc run` of the same busybox bundle with the same spec on this
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_shim::agent::{Agent, Rootfs};
+use husk_agent_client::{Agent, Rootfs};
 use husk_shim::spec::default_spec;
 use husk_tests::pod;
 
@@ -106,14 +107,13 @@ fn main() {
     let mut starts = Vec::new();
     rt.block_on(async {
         for i in 0..runs {
-            let (vm, agent, took) = pod::boot(&format!("bench-boot-{pid}-{i}"), &spec).await;
+            let (sandbox, took) = pod::boot(&format!("bench-boot-{pid}-{i}"), "bench", &spec).await;
             boots.push(ms(took));
             eprintln!("boot {i}: {:.0} ms", ms(took));
-            drop(agent);
-            vm.shutdown().unwrap();
+            sandbox.shutdown().await.unwrap();
         }
-        let (vm, agent, _) = pod::boot(&format!("bench-warm-{pid}"), &spec).await;
-        pod::create_sandbox(&agent, "bench").await;
+        let (sandbox, _) = pod::boot(&format!("bench-warm-{pid}"), "bench", &spec).await;
+        let agent = sandbox.agent().clone();
         // One unmeasured round: first-use costs (page cache, libcontainer state dir).
         container_start(&agent, "warmup").await;
         for i in 0..runs {
@@ -121,7 +121,7 @@ fn main() {
             starts.push(ms(took));
         }
         drop(agent);
-        vm.shutdown().unwrap();
+        sandbox.shutdown().await.unwrap();
     });
 
     let dir = std::env::temp_dir().join(format!("husk-bench-runc-{pid}"));
@@ -137,7 +137,7 @@ fn main() {
     println!("husk-bench-agent: medians of {runs} runs");
     println!("| measure | husk | peer | ratio |");
     println!("|---|---|---|---|");
-    println!("| VM launch → agent Health.Check | {b:.0} ms | (no peer) | |");
+    println!("| VM launch → agent Health.Check + CreateSandbox | {b:.0} ms | (no peer) | |");
     println!(
         "| create+start+stdout of /bin/true, warm VM vs `runc run` | {s:.1} ms | {r:.1} ms (runc) | {:.2} |",
         s / r

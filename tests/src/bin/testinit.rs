@@ -5,7 +5,7 @@
 //!
 //! Tests: `boot` (nothing more), `smp` (all CPUs online), `vsock` (echo server on vsock
 //! port 1024, then a connect to host port 5000), `block` (pattern on /dev/vda, read back
-//! with O_DIRECT; /dev/vdb must refuse writes), `net` (address from `husk_net=GUEST/PREFIX,HOST`,
+//! with O_DIRECT; /dev/vdb must refuse writes; both disks' serials reported), `net` (address from `husk_net=GUEST/PREFIX,HOST`,
 //! then ICMP echo to HOST), `fs` (mount virtio-fs tag `husk_fs`, read hello.txt, write
 //! from-guest.txt), `panic` (PID 1 exits, so the kernel panics).
 use std::ffi::CString;
@@ -233,7 +233,17 @@ fn block() -> R {
             Ok(()) => return Err("the read-only disk accepted a write".into()),
         },
     };
-    Ok(format!("pattern-ok {ro}"))
+    // The disks' serials (virtio-blk GET_ID), as the host's `--block ...,id=` set them.
+    let serial = |disk: &str| {
+        std::fs::read_to_string(format!("/sys/block/{disk}/serial"))
+            .map(|s| s.trim_end_matches(['\0', '\n']).to_string())
+            .unwrap_or_else(|e| format!("unreadable({e})"))
+    };
+    Ok(format!(
+        "pattern-ok {ro} vda-serial={} vdb-serial={}",
+        serial("vda"),
+        serial("vdb")
+    ))
 }
 
 fn ifreq(name: &str) -> libc::ifreq {

@@ -2,10 +2,10 @@
 //! same host-side code `husk run` and the shim use.
 use std::time::Duration;
 
+use husk_agent_client::{ctx, Agent, Rootfs};
 use husk_proto::agent as pb;
-use husk_shim::agent::{ctx, Agent, Rootfs};
+use husk_shim::sandbox::vm::NetSpec;
 use husk_shim::spec::default_spec;
-use husk_shim::vm::NetSpec;
 use husk_tests::leaks::Snapshot;
 use husk_tests::pod;
 use serde_json::json;
@@ -45,14 +45,14 @@ fn agent_runs_a_container_over_vsock() {
     husk_tests::require_kvm();
     let before = Snapshot::take();
     pod::runtime().block_on(async {
-        let (vm, agent, _) = pod::boot(&vm_name("agent-core"), &pod::spec()).await;
+        let (sandbox, _) = pod::boot(&vm_name("agent-core"), "core-pod", &pod::spec()).await;
+        let agent = sandbox.agent().clone();
         let v = agent
             .health
             .version(ctx(T), &pb::CheckRequest::new())
             .await
             .expect("Version");
         assert_eq!(v.api_version, husk_proto::AGENT_API_VERSION);
-        pod::create_sandbox(&agent, "core-pod").await;
         run(
             &agent,
             "c1",
@@ -80,7 +80,7 @@ fn agent_runs_a_container_over_vsock() {
             other => panic!("start of an unknown container: {other:?}"),
         }
         drop(agent);
-        vm.shutdown().unwrap();
+        sandbox.shutdown().await.unwrap();
     });
     before.assert_nothing_leaked();
 }
@@ -90,8 +90,8 @@ fn memory_limit_is_enforced_and_oom_reported() {
     husk_tests::require_kvm();
     let before = Snapshot::take();
     pod::runtime().block_on(async {
-        let (vm, agent, _) = pod::boot(&vm_name("agent-oom"), &pod::spec()).await;
-        pod::create_sandbox(&agent, "oom-pod").await;
+        let (sandbox, _) = pod::boot(&vm_name("agent-oom"), "oom-pod", &pod::spec()).await;
+        let agent = sandbox.agent().clone();
         let mut spec =
             sh("cat /sys/fs/cgroup/memory.max; dd if=/dev/zero of=/dev/null bs=64M count=1");
         spec["linux"]["resources"]["memory"] = json!({"limit": 16 << 20});
@@ -116,7 +116,7 @@ fn memory_limit_is_enforced_and_oom_reported() {
         assert_eq!(ev.container_id, "hog");
         agent.remove_container("hog", 5000).await.expect("Remove");
         drop(agent);
-        vm.shutdown().unwrap();
+        sandbox.shutdown().await.unwrap();
     });
     before.assert_nothing_leaked();
 }
@@ -127,14 +127,15 @@ fn interface_and_routes_reach_the_host_tap() {
     let before = Snapshot::take();
     let tap = husk_tests::leaks::Tap::new("huskag0", "10.215.0.1/24");
     let mut spec = pod::spec();
-    let mac = vmm::api::MacAddr::parse("06:00:0a:d7:00:02").unwrap();
+    let mac = husk_vmm_api::MacAddr::parse("06:00:0a:d7:00:02").unwrap();
     spec.nets.push(NetSpec {
         tap_name: tap.name().into(),
+        netns: None,
         mac: Some(mac),
     });
     pod::runtime().block_on(async {
-        let (vm, agent, _) = pod::boot(&vm_name("agent-net"), &spec).await;
-        pod::create_sandbox(&agent, "net-pod").await;
+        let (sandbox, _) = pod::boot(&vm_name("agent-net"), "net-pod", &spec).await;
+        let agent = sandbox.agent().clone();
         let mut iface = pb::Interface::new();
         iface.name = "eth0".into();
         iface.hw_addr = mac.to_string();
@@ -186,7 +187,7 @@ fn interface_and_routes_reach_the_host_tap() {
             .await
             .expect("Remove");
         drop(agent);
-        vm.shutdown().unwrap();
+        sandbox.shutdown().await.unwrap();
     });
     drop(tap);
     before.assert_nothing_leaked();

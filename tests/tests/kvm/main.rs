@@ -3,5 +3,6 @@
 mod agent;
 mod containerd;
 mod run;
+mod sandbox;
 mod smoke;
 mod vmm;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use husk_tests::vmm_proc::{self, Output};
+use husk_tests::vmm_proc::{self, Output, VmmExitStatus};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -34,7 +34,7 @@ fn boots_to_userspace_and_exits_cleanly_on_reboot() {
     husk_tests::require_kvm();
     let o = vmm_proc::run("boot", "", &[], T);
     o.assert_pass("boot");
-    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(o.status, Some(VmmExitStatus::GuestEnded), "{}", o.stderr);
     assert!(o.stdout.contains("husk-testinit: userspace reached"));
     assert!(o.stderr.contains("VM ended: guest_reset"), "{}", o.stderr);
     let ms = boot_ms(&o);
@@ -53,7 +53,13 @@ fn two_vcpus_come_online() {
 fn guest_panic_has_its_own_exit_status() {
     husk_tests::require_kvm();
     let o = vmm_proc::run("panic", "", &[], T);
-    assert_eq!(o.code, Some(3), "{}\n{}", o.stdout, o.stderr);
+    assert_eq!(
+        o.status,
+        Some(VmmExitStatus::GuestPanic),
+        "{}\n{}",
+        o.stdout,
+        o.stderr
+    );
     assert!(o.stderr.contains("panicked"), "{}", o.stderr);
 }
 
@@ -73,7 +79,7 @@ fn bad_kernel_is_a_clear_setup_error() {
             .unwrap(),
         T,
     );
-    assert_eq!(o.code, Some(1));
+    assert_eq!(o.status, Some(VmmExitStatus::SetupFailed));
     assert!(o.stderr.contains("kernel"), "{}", o.stderr);
     std::fs::remove_dir_all(d).unwrap();
 }
@@ -145,13 +151,13 @@ fn vsock_echoes_16_mib_and_guest_reaches_host() {
     assert!(v.contains(&format!("echoed={LEN}")), "{v}");
     assert!(v.contains("host-said=hi guest"), "{v}");
     assert_eq!(server.join().unwrap(), "hello from the guest\n");
-    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(o.status, Some(VmmExitStatus::GuestEnded), "{}", o.stderr);
     assert!(!uds.exists(), "the VMM left its vsock socket behind");
     std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
-fn block_write_read_and_read_only_disk() {
+fn block_write_read_read_only_disk_and_serials() {
     husk_tests::require_kvm();
     let d = tmpdir("block");
     let (rw, ro) = (d.join("rw.img"), d.join("ro.img"));
@@ -162,14 +168,17 @@ fn block_write_read_and_read_only_disk() {
         "",
         &[
             "--block",
-            rw.to_str().unwrap(),
+            &format!("{},id=husk-rw-disk", rw.display()),
             "--block",
-            &format!("{},ro", ro.display()),
+            // Exactly the 20 bytes GET_ID has room for: no NUL terminator in the guest.
+            &format!("{},ro,id=read-only-disk-20byt", ro.display()),
         ],
         T,
     );
     let v = o.assert_pass("block");
     assert!(v.contains("vdb-write-refused"), "{v}");
+    assert!(v.contains("vda-serial=husk-rw-disk "), "{v}");
+    assert!(v.ends_with("vdb-serial=read-only-disk-20byt"), "{v}");
     let bytes = std::fs::read(&rw).unwrap();
     let expected: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
     assert_eq!(
@@ -239,8 +248,8 @@ fn net_guest_pings_the_host_end_of_its_tap() {
 #[test]
 fn fs_share_reads_and_writes_host_files() {
     husk_tests::require_kvm();
-    let virtiofsd = vmm::devices::virtio::fs::virtiofsd_path()
-        .expect("virtiofsd is missing: run scripts/setup");
+    let virtiofsd =
+        husk_vmm_api::virtiofsd_path().expect("virtiofsd is missing: run scripts/setup");
     let d = tmpdir("fs");
     let share = d.join("share");
     std::fs::create_dir_all(&share).unwrap();
@@ -281,7 +290,7 @@ fn vms_boot_concurrently(n: usize) {
     for c in children {
         let o = vmm_proc::wait(c, Duration::from_secs(240));
         o.assert_pass("boot");
-        assert_eq!(o.code, Some(0));
+        assert_eq!(o.status, Some(VmmExitStatus::GuestEnded));
     }
 }
 
@@ -364,7 +373,7 @@ fn killing_the_vmm_leaves_no_socket_tap_or_child() {
 
 #[test]
 fn control_api_configures_starts_pauses_and_shuts_down() {
-    use vmm::api::{self, Request, VmState};
+    use husk_vmm_api::{self as api, Request, VmState};
     husk_tests::require_kvm();
     let d = tmpdir("api");
     let sock = d.join("api.sock");
@@ -427,7 +436,7 @@ fn control_api_configures_starts_pauses_and_shuts_down() {
     );
     assert!(call(Request::Shutdown).ok);
     let o = vmm_proc::wait(child, T);
-    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(o.status, Some(VmmExitStatus::GuestEnded), "{}", o.stderr);
     assert!(o.stderr.contains("VM ended: api"), "{}", o.stderr);
     assert!(!sock.exists() && !uds.exists(), "sockets left behind");
     std::fs::remove_dir_all(d).unwrap();
@@ -451,7 +460,7 @@ fn jailed_vmm_boots_as_an_unprivileged_user() {
         T,
     );
     o.assert_pass("boot");
-    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(o.status, Some(VmmExitStatus::GuestEnded), "{}", o.stderr);
     std::fs::remove_dir_all(d).unwrap();
 }
 

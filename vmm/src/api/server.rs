@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{debug, error, info, warn};
 
-use super::scm::{self, ConnectError};
 use super::{
     ApiError, ApiHandler, Request, Response, MAX_CLIENTS, MAX_FDS_PER_REQUEST, MAX_REQUEST_SIZE,
 };
+use husk_vmm_api::scm::{self, ConnectError};
 
 /// Serves the control API on a Unix socket for an [`ApiHandler`].
 ///

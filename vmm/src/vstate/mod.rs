@@ -7,9 +7,10 @@ pub mod vm;
 
 use std::sync::Mutex;
 
+use husk_vmm_api::VmmExitStatus;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Why the VM ended. Each maps to a distinct process exit status (see `exit_code`).
+/// Why the VM ended. Each maps to a distinct process exit status (see `exit_status`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
     /// The guest rebooted or shut down (with `reboot=k`, the i8042 reset; or a triple fault).
@@ -23,13 +24,12 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    /// Process exit status: 0 for an orderly end, 3 for a guest panic, 4 for a vCPU
-    /// error. (1 is left for the VMM failing to set up, 2 for usage errors.)
-    pub fn exit_code(&self) -> i32 {
+    /// The VMM process's exit status for this end of the VM.
+    pub fn exit_status(&self) -> VmmExitStatus {
         match self {
-            ExitReason::GuestReset | ExitReason::Api => 0,
-            ExitReason::GuestPanic => 3,
-            ExitReason::VcpuError(_) => 4,
+            ExitReason::GuestReset | ExitReason::Api => VmmExitStatus::GuestEnded,
+            ExitReason::GuestPanic => VmmExitStatus::GuestPanic,
+            ExitReason::VcpuError(_) => VmmExitStatus::VcpuError,
         }
     }
 
@@ -84,6 +84,9 @@ mod tests {
         e.signal(ExitReason::GuestReset);
         assert_eq!(e.reason(), Some(ExitReason::GuestPanic));
         assert_eq!(e.evt.read().unwrap(), 1);
-        assert_eq!(ExitReason::VcpuError("x".into()).exit_code(), 4);
+        assert_eq!(
+            ExitReason::VcpuError("x".into()).exit_status(),
+            VmmExitStatus::VcpuError
+        );
     }
 }

@@ -794,6 +794,27 @@ mod tests {
         assert_eq!(&id[..5], b"husk\xee");
     }
 
+    /// The API's longest id fills GET_ID's 20 bytes: no NUL, and nothing of an earlier,
+    /// longer serial shows through.
+    #[test]
+    fn get_id_of_twenty_bytes_fills_the_buffer() {
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(4096).unwrap();
+        let blk = Block::new(file.as_path(), false)
+            .unwrap()
+            .with_serial("an-earlier-serial-that-is-long")
+            .with_serial("read-only-disk-20byt");
+        let mut h = Harness::with_block(blk, file);
+        h.mem.write_slice(&[0xee; 24], GuestAddress(DATA)).unwrap();
+        h.header(VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(h.run(&[r(HDR, 16), w(DATA, 20), w(STATUS, 1)]), 21);
+        assert_eq!(h.status(), VIRTIO_BLK_S_OK as u8);
+        let mut id = [0u8; 24];
+        h.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..20], b"read-only-disk-20byt");
+        assert_eq!(id[20..], [0xee; 4], "nothing written past the buffer");
+    }
+
     #[test]
     fn default_serial_is_derived_from_the_file() {
         let h = Harness::new(false);

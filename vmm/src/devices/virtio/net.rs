@@ -13,12 +13,12 @@
 //! edge-triggered; when RX stops for lack of buffers, the guest's next RX queue kick (which
 //! it sends after posting buffers) resumes reading.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use husk_vmm_api::tap::{self, IfReq, TapError, TAP_FLAGS};
 use tracing::{debug, error};
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
@@ -42,7 +42,6 @@ pub const VNET_HDR_LEN: usize = 12;
 /// headers and the vnet header (Firecracker's bound).
 pub const MAX_FRAME_LEN: usize = 65562;
 const NUM_BUFFERS_OFFSET: usize = 10;
-const TUN_PATH: &str = "/dev/net/tun";
 
 const EV_ACTIVATE: u32 = 0;
 const EV_RX_QUEUE: u32 = 1;
@@ -51,73 +50,14 @@ const EV_TAP: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("invalid tap name {0:?}")]
-    InvalidName(String),
-    #[error("cannot open {TUN_PATH}: {0}")]
-    OpenTun(io::Error),
+    #[error(transparent)]
+    Tap(#[from] TapError),
     #[error("{0} on the tap failed: {1}")]
     Ioctl(&'static str, io::Error),
     #[error("fd is not a tap with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (flags {0:#x})")]
     TapFlags(i32),
     #[error("cannot create eventfd: {0}")]
     EventFd(io::Error),
-}
-
-/// `struct ifreq` as TUNSETIFF/TUNGETIFF use it: a name and a flags word, padded to the
-/// kernel's size. Own type so every byte is initialised without `mem::zeroed`.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-const _: () = assert!(std::mem::size_of::<IfReq>() == std::mem::size_of::<libc::ifreq>());
-
-impl IfReq {
-    fn new(name: &str) -> Result<Self, NetError> {
-        let bytes = name.as_bytes();
-        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
-            return Err(NetError::InvalidName(name.to_string()));
-        }
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
-        req.name[..bytes.len()].copy_from_slice(bytes);
-        Ok(req)
-    }
-
-    fn name(&self) -> String {
-        let end = self
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.name.len());
-        String::from_utf8_lossy(&self.name[..end]).into_owned()
-    }
-}
-
-const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-
-/// Opens /dev/net/tun non-blocking and attaches it to tap `name` with `flags`.
-fn open_tun(name: &str, flags: libc::c_int) -> Result<(File, String), NetError> {
-    let mut req = IfReq::new(name)?;
-    req.flags = flags as libc::c_short;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(TUN_PATH)
-        .map_err(NetError::OpenTun)?;
-    // SAFETY: TUNSETIFF reads and writes one `struct ifreq`; `req` has its size and layout
-    // and outlives the call.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-    if ret < 0 {
-        return Err(NetError::Ioctl("TUNSETIFF", io::Error::last_os_error()));
-    }
-    Ok((file, req.name()))
 }
 
 /// A tap interface with a 12-byte vnet header, non-blocking.
@@ -128,7 +68,7 @@ struct Tap {
 
 impl Tap {
     fn open(name: &str) -> Result<Tap, NetError> {
-        let (file, name) = open_tun(name, TAP_FLAGS)?;
+        let (file, name) = tap::open(name)?;
         let tap = Tap { file, name };
         tap.configure()?;
         Ok(tap)
@@ -137,11 +77,7 @@ impl Tap {
     fn from_fd(fd: OwnedFd) -> Result<Tap, NetError> {
         let file = File::from(fd);
         let raw = file.as_raw_fd();
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        };
+        let mut req = IfReq::empty();
         // SAFETY: TUNGETIFF writes one `struct ifreq` into `req`, which has its size and
         // layout and outlives the call; on a non-tun fd it fails without writing.
         let ret = unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req) };
@@ -904,7 +840,7 @@ mod tests {
         ));
         let name2 = unique_tap_name();
         let _guard2 = TapGuard(name2.clone());
-        let (plain, _) = open_tun(&name2, libc::IFF_TAP | libc::IFF_NO_PI).unwrap();
+        let (plain, _) = tap::open_tun(&name2, libc::IFF_TAP | libc::IFF_NO_PI).unwrap();
         assert!(matches!(
             Net::new_with_tap_fd(OwnedFd::from(plain), None),
             Err(NetError::TapFlags(_))
@@ -916,7 +852,7 @@ mod tests {
         for name in ["", "a-name-that-is-too-long", "nul\0byte"] {
             assert!(matches!(
                 Net::new_with_tap_name(name, None),
-                Err(NetError::InvalidName(_))
+                Err(NetError::Tap(TapError::InvalidName(_)))
             ));
         }
     }

@@ -123,36 +123,6 @@ pub enum FsError {
     GuestMemory(String),
 }
 
-/// Where to find the virtiofsd binary: `$HUSK_VIRTIOFSD`, then the copy scripts/setup builds in
-/// `${HUSK_CACHE:-/var/cache/husk}/virtiofsd/bin/virtiofsd`, then `PATH`.
-pub fn virtiofsd_path() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("HUSK_VIRTIOFSD").filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
-        if is_executable(&path) {
-            return Some(path);
-        }
-        guest_warn!(
-            "HUSK_VIRTIOFSD={} is not an executable file; looking elsewhere",
-            path.display()
-        );
-    }
-    let cache = std::env::var_os("HUSK_CACHE")
-        .filter(|c| !c.is_empty())
-        .map_or_else(|| PathBuf::from("/var/cache/husk"), PathBuf::from);
-    let cached = cache.join("virtiofsd/bin/virtiofsd");
-    if is_executable(&cached) {
-        return Some(cached);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join("virtiofsd"))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// Checks a tag and lays out config space: tag (NUL-padded), then num_request_queues (le32).
 fn build_config(tag: &str, num_request_queues: u32) -> Result<[u8; CONFIG_LEN], FsError> {
     let invalid = |reason| FsError::InvalidTag {

@@ -1,6 +1,8 @@
 //! Can this host run husk microVMs? Used by `husk check`, `husk run` and the KVM tests.
 
 use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Why a host cannot run microVMs at native speed.
@@ -74,19 +76,40 @@ fn cpu_has_hw_virt(cpuinfo: &str) -> bool {
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
 }
 
+/// `_IO(KVMIO, 0x00)` and `_IO(KVMIO, 0x01)` from `<linux/kvm.h>`.
+const KVM_GET_API_VERSION: libc::c_ulong = 0xae00;
+const KVM_CREATE_VM: libc::c_ulong = 0xae01;
+/// The only KVM API version there has ever been.
+const KVM_API_VERSION: libc::c_int = 12;
+
 /// Checks this host, including that KVM answers with the stable API version and can
 /// create a VM.
 pub fn check_host() -> Result<(), HostProblem> {
     HostFacts::gather().verdict()?;
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| HostProblem::KvmUnusable(e.to_string()))?;
-    if kvm.get_api_version() != 12 {
+    let kvm = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/kvm")
+        .map_err(|e| HostProblem::KvmUnusable(format!("open /dev/kvm: {e}")))?;
+    // SAFETY: KVM_GET_API_VERSION takes no argument and touches no memory of ours.
+    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    if version != KVM_API_VERSION {
         return Err(HostProblem::KvmUnusable(format!(
-            "KVM API version {} (expected 12)",
-            kvm.get_api_version()
+            "KVM API version {version} (expected {KVM_API_VERSION})"
         )));
     }
-    kvm.create_vm()
-        .map_err(|e| HostProblem::KvmUnusable(format!("KVM_CREATE_VM failed: {e}")))?;
+    // SAFETY: KVM_CREATE_VM takes the machine type (0: default) by value; the result is
+    // checked and owned at once.
+    let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
+    if vm < 0 {
+        return Err(HostProblem::KvmUnusable(format!(
+            "KVM_CREATE_VM failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `vm` is a fresh fd nobody else owns; closing it destroys the empty VM.
+    drop(unsafe { OwnedFd::from_raw_fd(vm) });
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::MAX_FDS_PER_REQUEST;
+use crate::MAX_FDS_PER_REQUEST;
 
 /// Control-message buffer for up to `MAX_FDS_PER_REQUEST` fds; `u64`s for cmsghdr alignment.
 /// 16 words = 128 bytes, more than `CMSG_SPACE(16 * 4)` = 80.
@@ -24,7 +24,7 @@ fn cmsg_space(num_fds: usize) -> usize {
 }
 
 /// What one `recvmsg` brought.
-pub(super) struct Received {
+pub struct Received {
     /// Bytes read into the buffer; 0 is end-of-file.
     pub len: usize,
     pub fds: Vec<OwnedFd>,
@@ -33,7 +33,7 @@ pub(super) struct Received {
 }
 
 /// Non-blocking `recvmsg`: data into `buf`, `SCM_RIGHTS` fds (close-on-exec) into `fds`.
-pub(super) fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
+pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     const _: () = assert!(mem::size_of::<CmsgBuf>() >= 80);
     let mut cmsg_buf: CmsgBuf = [0; 16];
     let mut iov = libc::iovec {
@@ -81,12 +81,7 @@ pub(super) fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
 
 /// One `sendmsg` of (a prefix of) `data`, with `fds` as `SCM_RIGHTS`; returns bytes sent. No
 /// SIGPIPE: a vanished peer is `EPIPE`.
-pub(super) fn send_with_fds(
-    fd: RawFd,
-    data: &[u8],
-    fds: &[BorrowedFd],
-    flags: i32,
-) -> io::Result<usize> {
+pub fn send_with_fds(fd: RawFd, data: &[u8], fds: &[BorrowedFd], flags: i32) -> io::Result<usize> {
     assert!(fds.len() <= MAX_FDS_PER_REQUEST);
     let mut cmsg_buf: CmsgBuf = [0; 16];
     let mut iov = libc::iovec {
@@ -141,7 +136,8 @@ fn sockaddr_un(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
 }
 
 /// Why [`connect`] failed.
-pub(super) enum ConnectError {
+#[derive(Debug)]
+pub enum ConnectError {
     PathTooLong,
     /// The listener's backlog stayed full until the deadline (the server is not accepting).
     TimedOut,
@@ -151,7 +147,7 @@ pub(super) enum ConnectError {
 /// Connects to a Unix stream socket without ever blocking past `deadline`: a blocking
 /// `connect` waits forever when the listener's backlog is full (a wedged VMM), a non-blocking
 /// one says `EAGAIN` and we retry. The returned stream is in blocking mode.
-pub(super) fn connect(path: &Path, deadline: Instant) -> Result<UnixStream, ConnectError> {
+pub fn connect(path: &Path, deadline: Instant) -> Result<UnixStream, ConnectError> {
     let (addr, len) = sockaddr_un(path).ok_or(ConnectError::PathTooLong)?;
     // SAFETY: plain syscall; the result is checked and owned right away.
     let raw = unsafe {

@@ -1,5 +1,9 @@
-//! The agent's ttrpc API, reached through the VMM's hybrid vsock: connect to the vsock Unix
-//! socket, send `CONNECT <port>\n`, read `OK <port>\n`, and the stream is the guest's port.
+//! husk-agent-client: the agent's ttrpc API, reached through the VMM's hybrid vsock: connect
+//! to the vsock Unix socket, send `CONNECT <port>\n`, read `OK <port>\n`, and the stream is
+//! the guest's port. The shim, `husk run`, the agent's own tests and the KVM tests all drive
+//! the agent through [`Agent`].
+
+mod error;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use ttrpc::context;
 
-use crate::{Result, ShimError};
+pub use error::{AgentError, Result};
 
 /// Longest handshake answer we accept ("OK 4294967295\n" is 14 bytes).
 const MAX_HANDSHAKE: usize = 64;
@@ -46,16 +50,19 @@ impl Agent {
     /// Connects to the agent on guest `port` through the hybrid vsock at `uds`, retrying
     /// until it answers `Health.Check` or `deadline` passes. `vm_gone` is asked between
     /// attempts: once it returns an error (the VMM exited) there is no point waiting.
-    pub async fn connect(
+    pub async fn connect<E>(
         uds: &Path,
         port: u32,
         deadline: Instant,
-        mut vm_gone: impl FnMut() -> Option<ShimError>,
-    ) -> Result<Agent> {
+        mut vm_gone: impl FnMut() -> Option<E>,
+    ) -> Result<Agent>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let started = Instant::now();
         loop {
             if let Some(e) = vm_gone() {
-                return Err(e);
+                return Err(AgentError::VmGone(Box::new(e)));
             }
             let last_err = match connect_port(uds, port).await {
                 Ok(stream) => {
@@ -81,10 +88,9 @@ impl Agent {
                 Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
-                return Err(ShimError::Timeout {
-                    what: "the guest agent",
+                return Err(AgentError::Timeout {
                     timeout: deadline.saturating_duration_since(started),
-                    detail: format!(" (last attempt: {last_err})"),
+                    last_attempt: last_err,
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -156,7 +162,7 @@ impl Agent {
         self.sandbox
             .create_sandbox(ctx(CALL_TIMEOUT), req)
             .await
-            .map_err(|e| ShimError::agent("CreateSandbox", e))?;
+            .map_err(|e| AgentError::call("CreateSandbox", e))?;
         Ok(())
     }
 
@@ -166,7 +172,7 @@ impl Agent {
         self.sandbox
             .destroy_sandbox(ctx(CALL_TIMEOUT), &req)
             .await
-            .map_err(|e| ShimError::agent("DestroySandbox", e))?;
+            .map_err(|e| AgentError::call("DestroySandbox", e))?;
         Ok(())
     }
 
@@ -180,8 +186,7 @@ impl Agent {
     ) -> Result<()> {
         let mut req = pb::CreateContainerRequest::new();
         req.container_id = id.into();
-        req.oci_spec_json = serde_json::to_vec(spec)
-            .map_err(|e| ShimError::Invalid(format!("encode the OCI spec: {e}")))?;
+        req.oci_spec_json = serde_json::to_vec(spec).map_err(AgentError::Spec)?;
         let mut root = pb::RootfsSource::new();
         root.share_tag = rootfs.share_tag.clone();
         root.path = rootfs.path.clone();
@@ -190,7 +195,7 @@ impl Agent {
         self.containers
             .create_container(ctx(CALL_TIMEOUT), &req)
             .await
-            .map_err(|e| ShimError::agent("CreateContainer", e))?;
+            .map_err(|e| AgentError::call("CreateContainer", e))?;
         Ok(())
     }
 
@@ -200,7 +205,7 @@ impl Agent {
         self.containers
             .start_container(ctx(CALL_TIMEOUT), &req)
             .await
-            .map_err(|e| ShimError::agent("StartContainer", e))?;
+            .map_err(|e| AgentError::call("StartContainer", e))?;
         Ok(())
     }
 
@@ -212,7 +217,7 @@ impl Agent {
         self.containers
             .wait_process(context::Context::default(), &req)
             .await
-            .map_err(|e| ShimError::agent("WaitProcess", e))
+            .map_err(|e| AgentError::call("WaitProcess", e))
     }
 
     pub async fn remove_container(&self, id: &str, timeout_ms: u32) -> Result<()> {
@@ -222,7 +227,7 @@ impl Agent {
         self.containers
             .remove_container(ctx(CALL_TIMEOUT), &req)
             .await
-            .map_err(|e| ShimError::agent("RemoveContainer", e))?;
+            .map_err(|e| AgentError::call("RemoveContainer", e))?;
         Ok(())
     }
 
@@ -243,7 +248,7 @@ impl Agent {
         } else {
             self.io.read_stdout(c, &req).await
         }
-        .map_err(|e| ShimError::agent(if stderr { "ReadStderr" } else { "ReadStdout" }, e))?;
+        .map_err(|e| AgentError::call(if stderr { "ReadStderr" } else { "ReadStdout" }, e))?;
         Ok((r.data, r.eof))
     }
 
@@ -256,7 +261,7 @@ impl Agent {
         self.io
             .write_stdin(ctx(CALL_TIMEOUT), &req)
             .await
-            .map_err(|e| ShimError::agent("WriteStdin", e))?;
+            .map_err(|e| AgentError::call("WriteStdin", e))?;
         Ok(())
     }
 
@@ -268,7 +273,7 @@ impl Agent {
         self.io
             .close_stdin(ctx(CALL_TIMEOUT), &req)
             .await
-            .map_err(|e| ShimError::agent("CloseStdin", e))?;
+            .map_err(|e| AgentError::call("CloseStdin", e))?;
         Ok(())
     }
 

@@ -6,8 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::scm::{self, ConnectError};
-use super::{ApiError, Request, Response, DEFAULT_TIMEOUT, MAX_FDS_PER_REQUEST, MAX_RESPONSE_SIZE};
+use crate::scm::{self, ConnectError};
+use crate::{ApiError, Request, Response, DEFAULT_TIMEOUT, MAX_FDS_PER_REQUEST, MAX_RESPONSE_SIZE};
 
 /// Sends one request on a fresh connection and waits for its response, all within
 /// [`DEFAULT_TIMEOUT`]. `fds` go with the request as `SCM_RIGHTS` (the VMM gets duplicates;

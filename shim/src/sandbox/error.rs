@@ -1,12 +1,14 @@
-//! Errors of the host side of a sandbox.
+//! Errors of the sandbox layer.
 
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// What can go wrong launching a microVM or talking to its agent.
+use husk_vmm_api::VmmExitStatus;
+
+/// What can go wrong creating, driving or cleaning up a sandbox.
 #[derive(Debug, thiserror::Error)]
-pub enum ShimError {
+pub enum SandboxError {
     /// This host cannot run microVMs; the message is `husk check`'s.
     #[error("this host cannot run husk microVMs: {0}")]
     NoKvm(String),
@@ -30,35 +32,35 @@ pub enum ShimError {
         status: String,
         detail: String,
     },
+    #[error("husk-vmm exited ({status}){detail}")]
+    VmmExited {
+        status: VmmExitStatus,
+        detail: String,
+    },
     #[error("the VMM refused {op}: {source}")]
     Vmm {
         op: &'static str,
-        source: vmm::api::ApiError,
+        source: husk_vmm_api::ApiError,
     },
-    #[error("agent {call} failed: {message}")]
-    Agent { call: &'static str, message: String },
+    #[error(transparent)]
+    Agent(#[from] husk_agent_client::AgentError),
+    #[error("no {what} {id:?} in this sandbox")]
+    NotFound { what: &'static str, id: String },
+    #[error("sandbox state {path}: {message}")]
+    State { path: PathBuf, message: String },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
     #[error("{0}")]
     Invalid(String),
 }
 
-pub type Result<T> = std::result::Result<T, ShimError>;
+pub type Result<T> = std::result::Result<T, SandboxError>;
 
-impl ShimError {
+impl SandboxError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        ShimError::Io {
+        SandboxError::Io {
             context: context.into(),
             source,
         }
-    }
-
-    /// An agent call's error, with the ttrpc status shown as a user reads it.
-    pub fn agent(call: &'static str, e: ttrpc::Error) -> Self {
-        let message = match e {
-            ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
-            other => other.to_string(),
-        };
-        ShimError::Agent { call, message }
     }
 }
