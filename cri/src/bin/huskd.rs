@@ -1,0 +1,47 @@
+//! huskd: serves CRI v1 on a Unix socket until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use husk_cri::config::Config;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    name = "huskd",
+    version,
+    about = "husk's CRI v1 server for kubelet and crictl"
+)]
+struct Args {
+    /// husk.toml to read the `[huskd]` section from (default /etc/husk/husk.toml; a missing
+    /// default file means all defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = Config::load(args.config.as_deref()).context("huskd config")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("huskd stopping");
+    };
+    husk_cri::server::serve(config, shutdown)
+        .await
+        .context("huskd")?;
+    Ok(())
+}
