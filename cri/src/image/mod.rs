@@ -29,6 +29,8 @@ pub enum ImageError {
         expected: String,
         actual: String,
     },
+    #[error("{what} failed verification: {message}")]
+    Verification { what: String, message: String },
     #[error("unsupported media type {0:?}")]
     UnsupportedMediaType(String),
     #[error("malformed {what}: {message}")]

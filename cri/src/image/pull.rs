@@ -140,6 +140,12 @@ pub struct Puller {
 }
 
 fn registry_error(reference: &Reference, e: OciDistributionError) -> ImageError {
+    if let OciDistributionError::DigestError(d) = &e {
+        return ImageError::Verification {
+            what: format!("a blob of {}", reference.whole()),
+            message: d.to_string(),
+        };
+    }
     let not_found = match &e {
         OciDistributionError::ImageManifestNotFoundError(_) => true,
         OciDistributionError::ServerError { code: 404, .. } => true,
@@ -367,7 +373,6 @@ impl Puller {
         })?
     }
 }
-
 
 fn file_digest(path: &std::path::Path) -> Result<String, ImageError> {
     let mut f = std::fs::File::open(path).map_err(ImageError::io("open a layer"))?;

@@ -37,7 +37,7 @@ pub(crate) fn image_status(e: ImageError) -> Status {
         ImageError::InvalidReference { .. } => Code::InvalidArgument,
         ImageError::RegistryRejected(_) => Code::PermissionDenied,
         ImageError::Registry { .. } => Code::Unavailable,
-        ImageError::Digest { .. } => Code::DataLoss,
+        ImageError::Digest { .. } | ImageError::Verification { .. } => Code::DataLoss,
         ImageError::UnsupportedMediaType(_)
         | ImageError::Malformed { .. }
         | ImageError::UnsafePath { .. } => Code::FailedPrecondition,
