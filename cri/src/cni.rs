@@ -234,13 +234,19 @@ impl Cni {
         // Recorded first: if huskd dies during ADD, DEL after the restart still finds it.
         self.write_cache(&cached)?;
         let mut prev: Option<Value> = None;
-        for plugin in &net.plugins {
+        for (i, plugin) in net.plugins.iter().enumerate() {
             match self.exec("ADD", net, plugin, att, prev.as_ref()).await {
                 Ok(r) => prev = Some(r),
                 Err(e) => {
-                    if let Err(undo) = self.del(att.container_id.as_str()).await {
+                    // Undo what ran (this plugin may have done part of its work), newest
+                    // first, then forget the attachment: no pod will ever exist to retry
+                    // a DEL that fails here (a plugin whose config it rejects on ADD
+                    // rejects it on DEL too), so it is logged, and the ADD error returned.
+                    let ran = &net.plugins[..=i];
+                    if let Err(undo) = self.del_plugins(net, ran, att, prev.as_ref()).await {
                         warn!(error = %undo, "CNI DEL after a failed ADD");
                     }
+                    self.remove_cache(&att.container_id)?;
                     return Err(e);
                 }
             }
@@ -280,20 +286,54 @@ impl Cni {
     }
 
     /// DEL of what the cache says was added, plugins in reverse; the cache entry goes when
-    /// every plugin succeeded. No cache entry: nothing to delete.
+    /// every plugin succeeded (else a later DEL retries). No cache entry: nothing to delete.
     pub async fn del(&self, container_id: &str) -> Result<(), CniError> {
         let Some(c) = self.read_cache(container_id)? else {
             return Ok(());
         };
-        for plugin in c.network.plugins.iter().rev() {
-            self.exec("DEL", &c.network, plugin, &c.attachment, c.result.as_ref())
-                .await?;
+        self.del_plugins(
+            &c.network,
+            &c.network.plugins,
+            &c.attachment,
+            c.result.as_ref(),
+        )
+        .await?;
+        self.remove_cache(container_id)
+    }
+
+    /// DEL of `plugins` in reverse order. Every plugin is run even when one fails (each
+    /// releases its own resources); the first error is returned. A plugin that is not
+    /// installed cannot have added anything and is skipped.
+    async fn del_plugins(
+        &self,
+        net: &Network,
+        plugins: &[Map<String, Value>],
+        att: &Attachment,
+        prev: Option<&Value>,
+    ) -> Result<(), CniError> {
+        let mut first = None;
+        for plugin in plugins.iter().rev() {
+            match self.exec("DEL", net, plugin, att, prev).await {
+                Ok(_) | Err(CniError::PluginNotFound { .. }) => {}
+                Err(e) => {
+                    warn!(error = %e, "CNI DEL");
+                    first.get_or_insert(e);
+                }
+            }
         }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn remove_cache(&self, container_id: &str) -> Result<(), CniError> {
         let path = self.cache_path(container_id);
-        std::fs::remove_file(&path).map_err(|e| CniError::Cache {
-            path,
-            message: e.to_string(),
-        })
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CniError::Cache {
+                path,
+                message: e.to_string(),
+            }),
+        }
     }
 
     fn find_plugin(&self, t: &str) -> Result<PathBuf, CniError> {
