@@ -8,4 +8,6 @@ pub mod cni;
 pub mod config;
 pub mod image;
 pub mod netns;
+pub mod pods;
 pub mod server;
+pub mod shim_client;

@@ -40,7 +40,12 @@ async fn main() -> anyhow::Result<()> {
         }
         tracing::info!("huskd stopping");
     };
-    husk_cri::server::serve(config, shutdown)
+    // The shim reads the same file (a default path that does not exist: defaults there too).
+    let path = args
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from(husk_cri::config::DEFAULT_PATH)).filter(|p| p.exists()));
+    husk_cri::server::serve(config, path, shutdown)
         .await
         .context("huskd")?;
     Ok(())

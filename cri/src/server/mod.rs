@@ -15,8 +15,11 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Code, Status};
 use tracing::info;
 
+use crate::cni::CniError;
 use crate::config::Config;
 use crate::image::{ImageError, Puller, Store};
+use crate::pods::{PodError, Pods};
+use crate::shim_client::ShimLauncher;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -29,6 +32,18 @@ pub enum ServeError {
     },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+pub(crate) fn pod_status(e: PodError) -> Status {
+    let code = match &e {
+        PodError::UnknownHandler { .. } | PodError::HostNamespace(_) => Code::InvalidArgument,
+        PodError::Cni(CniError::NoConfig(_) | CniError::BadConfig { .. }) => {
+            Code::FailedPrecondition
+        }
+        PodError::Cni(_) | PodError::Shim(_) => Code::Unknown,
+        PodError::Netns(_) | PodError::Bundle { .. } => Code::Internal,
+    };
+    Status::new(code, e.to_string())
 }
 
 pub(crate) fn image_status(e: ImageError) -> Status {
@@ -46,8 +61,26 @@ pub(crate) fn image_status(e: ImageError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// The shim binary: configured, else beside huskd, else `containerd-shim-husk-v2` on PATH.
+fn shim_binary(config: &Config) -> PathBuf {
+    const NAME: &str = "containerd-shim-husk-v2";
+    if !config.shim.as_os_str().is_empty() {
+        return config.shim.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(NAME)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| NAME.into())
+}
+
 /// Serves CRI on the configured socket until `shutdown` completes; removes the socket then.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+/// `config_path` is the file the config came from: the shim reads the same file.
+pub async fn serve(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let image_dir = config.image_dir();
     let store = Store::open(&image_dir).map_err(|source| ServeError::Store {
         path: image_dir.clone(),
@@ -55,7 +88,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     })?;
     let puller = Puller::new(&config.registries, config.default_registry_policy);
     let images = image::Images::new(Arc::new(store), puller);
-    let runtime = runtime::Runtime::new(config.clone());
+    let launcher = ShimLauncher {
+        binary: shim_binary(&config),
+        namespace: "k8s.io".into(),
+        address: config.socket.display().to_string(),
+        // huskd does not serve the events API yet: the shim's fallback publisher is a
+        // no-op until it does.
+        publish_binary: "/bin/true".into(),
+        config: config_path,
+    };
+    let pods = Pods::new(&config, launcher);
+    let runtime = runtime::Runtime::new(config.clone(), pods);
 
     let socket = config.socket.clone();
     let sock_err = |source| ServeError::Socket {

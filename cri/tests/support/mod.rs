@@ -146,6 +146,12 @@ pub struct Huskd {
 impl Huskd {
     /// Starts huskd with `extra` appended to its `[huskd]` section.
     pub fn start(extra: &str) -> Huskd {
+        Huskd::start_with("", extra, |_| {})
+    }
+
+    /// Starts huskd with `top` as the file's top level (the shim's keys), `extra` in the
+    /// `[huskd]` section, after `prepare` has seen the directory.
+    pub fn start_with(top: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Huskd {
         let dir = tempfile::Builder::new()
             .prefix("husk-huskd-")
             .tempdir()
@@ -153,10 +159,11 @@ impl Huskd {
         let p = dir.path().to_path_buf();
         let config = p.join("husk.toml");
         std::fs::create_dir_all(p.join("net.d")).expect("conf dir");
+        prepare(&p);
         std::fs::write(
             &config,
             format!(
-                "[huskd]\nsocket = \"{0}/huskd.sock\"\nstate_dir = \"{0}/state\"\n\
+                "{top}\n[huskd]\nsocket = \"{0}/huskd.sock\"\nstate_dir = \"{0}/state\"\n\
                  data_dir = \"{0}/data\"\n{extra}\n[huskd.cni]\nconf_dir = \"{0}/net.d\"\n",
                 p.display()
             ),
