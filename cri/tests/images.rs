@@ -445,3 +445,49 @@ async fn pull_errors_have_their_codes_and_leave_nothing() {
     let e = pull(&mut c, "Not A Reference").await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_pulls_of_one_image_download_each_layer_once() {
+    let reg = Registry::start();
+    let host = reg.host.clone();
+    let p = Pusher::new(&host).await;
+    let r = Reference::from_str(&format!("{host}/husk/twice:1")).unwrap();
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static)");
+    let layers: Vec<Vec<u8>> = (0..3)
+        .map(|i| tar_of(&[(&format!("l{i}/busybox"), &busybox, false)]))
+        .collect();
+    let refs: Vec<&[u8]> = layers.iter().map(Vec::as_slice).collect();
+    let config = config_json("", &refs);
+    let pushed: Vec<(Vec<u8>, &str)> = layers
+        .iter()
+        .map(|l| (gzip(l), "application/vnd.oci.image.layer.v1.tar+gzip"))
+        .collect();
+    p.image(&r, &config, &pushed, OCI_MANIFEST).await;
+    let huskd = Huskd::start(&format!(
+        "[[huskd.registries]]\nhost = \"{host}\"\npolicy = \"allow-insecure\"\n"
+    ));
+    let name = format!("{host}/husk/twice:1");
+    let (mut a, mut b) = (huskd.connect(), huskd.connect());
+    let before = reg.blob_gets();
+    let (ra, rb) = tokio::join!(pull(&mut a, &name), pull(&mut b, &name));
+    assert_eq!(ra.unwrap(), rb.unwrap());
+    // One config and three layers, each fetched once (the second pull may find the config
+    // stored or fetch it too: it is not a layer, and it is small).
+    let layer_gets = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .filter(|l| {
+            pushed
+                .iter()
+                .any(|(data, _)| l.contains(&digest(data)[7..]))
+        })
+        .count();
+    assert_eq!(
+        layer_gets,
+        3,
+        "layers downloaded more than once ({} blob GETs in all)",
+        reg.blob_gets() - before
+    );
+    assert_eq!(count(&huskd.data.join("images/layers/sha256")), 3);
+}

@@ -3,6 +3,7 @@
 //! unpacks each layer not already in the store. What is already there is not downloaded
 //! again: configs and manifests are looked up by digest, layers by diff id.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -137,6 +138,9 @@ pub struct Puller {
     client: Client,
     registries: Vec<Registry>,
     default_policy: RegistryPolicy,
+    /// One lock per layer being fetched: a second pull needing the same layer waits for
+    /// the first and then finds it in the store, so concurrent pulls download it once.
+    fetching: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn registry_error(reference: &Reference, e: OciDistributionError) -> ImageError {
@@ -187,6 +191,7 @@ impl Puller {
             client,
             registries: registries.to_vec(),
             default_policy,
+            fetching: Default::default(),
         }
     }
 
@@ -293,7 +298,27 @@ impl Puller {
             if store.has_layer(diff_id)? {
                 continue;
             }
-            self.fetch_layer(store, &reference, layer, diff_id).await?;
+            let lock = self
+                .fetching
+                .lock()
+                .expect("fetch table lock")
+                .entry(diff_id.clone())
+                .or_default()
+                .clone();
+            let guard = lock.lock().await;
+            let r = if store.has_layer(diff_id)? {
+                Ok(())
+            } else {
+                self.fetch_layer(store, &reference, layer, diff_id).await
+            };
+            drop(guard);
+            let mut table = self.fetching.lock().expect("fetch table lock");
+            // The last one out removes the entry (the table holds one reference).
+            if Arc::strong_count(&lock) == 2 {
+                table.remove(diff_id);
+            }
+            drop(table);
+            r?;
         }
         for (d, b) in &blobs {
             store.put_blob(d, b)?;
