@@ -415,6 +415,24 @@ async fn pull_errors_have_their_codes_and_leave_nothing() {
          [[huskd.registries]]\nhost = \"{host}\"\npolicy = \"allow-insecure\"\n"
     ));
     let mut c = huskd.connect();
+    // (Its CNI conf dir is empty: the network is not ready, and Status says why.)
+    let st =
+        c.rt.status(cri::StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    let net = st
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady");
+    let net = net.expect("a NetworkReady condition");
+    assert!(
+        !net.status && net.reason == "NetworkPluginNotReady",
+        "{net:?}"
+    );
+    assert!(net.message.contains("net.d"), "{net:?}");
     let e = pull(&mut c, &format!("{host}/husk/bad:1"))
         .await
         .unwrap_err();

@@ -126,6 +126,12 @@ async fn a_pod_whose_vm_cannot_start_fails_cleanly() {
             .into_inner();
     let conds = st.status.unwrap().conditions;
     assert!(conds.iter().all(|c| c.status), "{conds:?}");
+    let handlers: Vec<_> = st
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(handlers, ["kata", "husk", ""]);
 
     // Unknown handler and host network: refused before anything is made.
     let e = run_pod(&mut c, "p0", "runc", false).await.unwrap_err();

@@ -152,10 +152,21 @@ impl RuntimeService for Runtime {
             status: true,
             ..Default::default()
         };
+        // Every handler runs our shim: no recursive read-only mounts or user namespaces yet.
+        let runtime_handlers = self
+            .config
+            .runtime_handlers
+            .iter()
+            .map(|h| cri::RuntimeHandler {
+                name: h.clone(),
+                features: Some(cri::RuntimeHandlerFeatures::default()),
+            })
+            .collect();
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {
                 conditions: vec![runtime, network],
             }),
+            runtime_handlers,
             ..Default::default()
         }))
     }
