@@ -1,1 +1,13 @@
-//! huskd, the CRI server; arrives with the CRI issue.
+//! huskd: husk's CRI v1 server (RuntimeService + ImageService) for kubelet and crictl.
+//!
+//! Layers, top to bottom: `server` (the gRPC edge; CRI types stop there), `image` (store,
+//! pull, unpack), `cni` and `netns` (pod networking). Each has its own error type; the
+//! server maps them to gRPC codes.
+
+pub mod cni;
+pub mod config;
+pub mod image;
+pub mod netns;
+pub mod pods;
+pub mod server;
+pub mod shim_client;

@@ -32,6 +32,10 @@ pub struct Config {
     pub vm: VmSection,
     pub timeouts: Timeouts,
     pub debug: Debug,
+    /// huskd's section of the same file (`cri/huskd.toml.example`); huskd checks it, the
+    /// shim leaves it alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub huskd: Option<toml::Table>,
 }
 
 /// Sizing of a pod VM.
@@ -89,6 +93,7 @@ impl Default for Config {
                 console: false,
                 log_level: "info".into(),
             },
+            huskd: None,
         }
     }
 }
@@ -249,6 +254,17 @@ mod tests {
         assert_eq!(c.vm.default_vcpus, 1);
         assert!(c.debug.console);
         assert_eq!(c.timeouts, Timeouts::default());
+    }
+
+    #[test]
+    fn huskds_section_is_left_to_huskd() {
+        let c = Config::parse(
+            "vmm = \"/v\"\n[huskd]\nsocket = \"/s\"\n[huskd.cni]\nconf_dir = \"/c\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.vmm, Path::new("/v"));
+        assert!(c.huskd.is_some());
     }
 
     #[test]

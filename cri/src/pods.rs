@@ -1,0 +1,283 @@
+//! Pod sandboxes: the thinnest real path. RunPodSandbox makes the pod's netns, attaches it
+//! with CNI, writes the sandbox bundle (an OCI spec with the CRI annotations containerd
+//! sends, and the netns path), starts our shim and has it Create and Start the sandbox
+//! task. Any failure undoes every step already taken, newest first, so a failed pod leaves
+//! no netns, CNI allocation, shim or bundle. Stop and Remove undo a running pod and are
+//! idempotent. Pods live in memory only for now (a restarted huskd forgets them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::cni::{Attachment, Cni, CniError, Network, PortMapping};
+use crate::config::Config;
+use crate::netns::{Netns, NetnsError, NETNS_DIR};
+use crate::shim_client::{Shim, ShimError, ShimLauncher};
+
+/// What huskd needs of a pod config (the server maps CRI's PodSandboxConfig to it).
+#[derive(Clone, Debug, Default)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub attempt: u32,
+    pub hostname: String,
+    pub log_directory: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub port_mappings: Vec<PortMapping>,
+    /// Host namespaces asked for (network, pid, ipc): a VM cannot share them.
+    pub host_namespaces: Vec<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("unknown runtime handler {handler:?}; huskd serves {known:?}")]
+    UnknownHandler { handler: String, known: Vec<String> },
+    #[error(
+        "a VM sandbox cannot share the host's {0} namespace: the pod runs in its own \
+         microVM (set hostNetwork/hostPID/hostIPC to false, or use another RuntimeClass)"
+    )]
+    HostNamespace(&'static str),
+    #[error("pod network: {0}")]
+    Netns(#[from] NetnsError),
+    #[error("pod network: {0}")]
+    Cni(#[from] CniError),
+    #[error("pod sandbox in the shim: {0}")]
+    Shim(#[from] ShimError),
+    #[error("pod bundle {path}: {source}")]
+    Bundle {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    Ready,
+    NotReady,
+}
+
+/// A pod huskd runs.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub id: String,
+    pub spec: PodSpec,
+    pub handler: String,
+    pub state: PodState,
+    pub created_at_ns: i64,
+    pub ip: Option<String>,
+    netns: Netns,
+    bundle: PathBuf,
+    shim_address: String,
+}
+
+pub struct Pods {
+    handlers: Vec<String>,
+    cni_conf_dir: PathBuf,
+    cni: Cni,
+    bundles: PathBuf,
+    launcher: ShimLauncher,
+    pods: Mutex<HashMap<String, Pod>>,
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 32];
+    // SAFETY: b is a valid, writable buffer of the given length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    // getrandom(2) does not return short for 32 bytes once the pool is initialised.
+    assert_eq!(n, b.len() as isize, "getrandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+impl Pods {
+    pub fn new(config: &Config, launcher: ShimLauncher) -> Pods {
+        Pods {
+            handlers: config.runtime_handlers.clone(),
+            cni_conf_dir: config.cni.conf_dir.clone(),
+            cni: Cni::new(config.cni.bin_dirs.clone(), config.state_dir.join("cni")),
+            bundles: config.state_dir.join("bundles"),
+            launcher,
+            pods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// RunPodSandbox. On error nothing of the pod is left.
+    pub async fn run(&self, spec: PodSpec, handler: &str) -> Result<String, PodError> {
+        if !self.handlers.iter().any(|h| h == handler) {
+            return Err(PodError::UnknownHandler {
+                handler: handler.into(),
+                known: self.handlers.clone(),
+            });
+        }
+        if let Some(ns) = spec.host_namespaces.first() {
+            return Err(PodError::HostNamespace(ns));
+        }
+        let net = Network::load(&self.cni_conf_dir)?;
+        let id = new_id();
+        let netns = Netns::create(
+            std::path::Path::new(NETNS_DIR),
+            &format!("husk-{}", &id[..16]),
+        )?;
+        let mut pod = Pod {
+            id: id.clone(),
+            spec,
+            handler: handler.into(),
+            state: PodState::Ready,
+            created_at_ns: now_ns(),
+            ip: None,
+            netns,
+            bundle: self.bundles.join(&id),
+            shim_address: String::new(),
+        };
+        match self.bring_up(&mut pod, &net).await {
+            Ok(()) => {
+                info!(pod = %id, name = %pod.spec.name, "pod sandbox running");
+                self.pods.lock().await.insert(id.clone(), pod);
+                Ok(id)
+            }
+            Err(e) => {
+                warn!(pod = %id, error = %e, "RunPodSandbox failed; undoing it");
+                self.tear_down(&pod).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn bring_up(&self, pod: &mut Pod, net: &Network) -> Result<(), PodError> {
+        let att = self.attachment(pod);
+        let added = self.cni.add(net, &att).await?;
+        pod.ip = added.ips.first().cloned();
+        let bundle_err = |source| PodError::Bundle {
+            path: pod.bundle.clone(),
+            source,
+        };
+        std::fs::create_dir_all(pod.bundle.join("rootfs")).map_err(bundle_err)?;
+        let spec = serde_json::to_vec_pretty(&sandbox_spec(pod)).expect("serialize a spec");
+        std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
+        pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
+        let shim = Shim::connect(&pod.shim_address).await?;
+        shim.create(&pod.id, &pod.bundle, self.launcher.config.as_deref())
+            .await?;
+        shim.start(&pod.id).await?;
+        Ok(())
+    }
+
+    fn attachment(&self, pod: &Pod) -> Attachment {
+        Attachment {
+            container_id: pod.id.clone(),
+            netns: pod.netns.path().to_path_buf(),
+            ifname: "eth0".into(),
+            // kubelet's CNI_ARGS, as containerd and CRI-O pass them.
+            args: BTreeMap::from([
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAMESPACE".into(), pod.spec.namespace.clone()),
+                ("K8S_POD_NAME".into(), pod.spec.name.clone()),
+                ("K8S_POD_INFRA_CONTAINER_ID".into(), pod.id.clone()),
+                ("K8S_POD_UID".into(), pod.spec.uid.clone()),
+            ]),
+            port_mappings: pod.spec.port_mappings.clone(),
+        }
+    }
+
+    /// Undoes a pod, newest step first, trying every step: the shim's task and the shim
+    /// (through its socket, then the `delete` action for whatever is left), CNI, the netns,
+    /// the bundle. Errors are logged; what failed stays for a later Stop to retry.
+    async fn tear_down(&self, pod: &Pod) {
+        if !pod.shim_address.is_empty() {
+            if let Ok(shim) = Shim::connect(&pod.shim_address).await {
+                let _ = shim.kill(&pod.id, libc::SIGKILL as u32).await;
+                let _ = shim.delete(&pod.id).await;
+                let _ = shim.shutdown(&pod.id).await;
+            }
+        }
+        if pod.bundle.join("config.json").exists() {
+            if let Err(e) = self.launcher.delete(&pod.id, &pod.bundle).await {
+                warn!(pod = %pod.id, error = %e, "shim delete");
+            }
+        }
+        if let Err(e) = self.cni.del(&pod.id).await {
+            warn!(pod = %pod.id, error = %e, "CNI DEL");
+        }
+        if let Err(e) = pod.netns.remove() {
+            warn!(pod = %pod.id, error = %e, "netns");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&pod.bundle) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(pod = %pod.id, error = %e, "remove the bundle");
+            }
+        }
+    }
+
+    /// StopPodSandbox: the pod's VM, network and shim go; the record stays (NotReady).
+    pub async fn stop(&self, id: &str) -> Result<(), PodError> {
+        let Some(pod) = self.pods.lock().await.get(id).cloned() else {
+            return Ok(()); // stopping what does not exist succeeds
+        };
+        self.tear_down(&pod).await;
+        if let Some(p) = self.pods.lock().await.get_mut(id) {
+            p.state = PodState::NotReady;
+        }
+        Ok(())
+    }
+
+    /// RemovePodSandbox: stops it if needed and forgets it.
+    pub async fn remove(&self, id: &str) -> Result<(), PodError> {
+        self.stop(id).await?;
+        self.pods.lock().await.remove(id);
+        Ok(())
+    }
+
+    pub async fn get(&self, id: &str) -> Option<Pod> {
+        self.pods.lock().await.get(id).cloned()
+    }
+
+    pub async fn list(&self) -> Vec<Pod> {
+        self.pods.lock().await.values().cloned().collect()
+    }
+}
+
+/// The sandbox task's OCI spec: what containerd 1.6's CRI plugin gives a VM runtime (the
+/// `io.kubernetes.cri.*` annotations, the pod's netns by path).
+fn sandbox_spec(pod: &Pod) -> serde_json::Value {
+    let mut ann: BTreeMap<String, String> = pod.spec.annotations.clone();
+    for (k, v) in [
+        ("container-type", "sandbox".to_string()),
+        ("sandbox-id", pod.id.clone()),
+        ("sandbox-name", pod.spec.name.clone()),
+        ("sandbox-namespace", pod.spec.namespace.clone()),
+        ("sandbox-uid", pod.spec.uid.clone()),
+        ("sandbox-log-directory", pod.spec.log_directory.clone()),
+    ] {
+        ann.insert(format!("io.kubernetes.cri.{k}"), v);
+    }
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/pause"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/"
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": pod.spec.hostname,
+        "annotations": ann,
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network", "path": pod.netns.path()}
+            ]
+        }
+    })
+}

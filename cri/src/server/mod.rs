@@ -1,0 +1,126 @@
+//! The CRI v1 gRPC edge: protocol types stop here. Each layer's error maps to a gRPC code
+//! in this module and nowhere else.
+
+pub mod image;
+pub mod runtime;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use k8s_cri::v1::image_service_server::ImageServiceServer;
+use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Code, Status};
+use tracing::info;
+
+use crate::cni::CniError;
+use crate::config::Config;
+use crate::image::{ImageError, Puller, Store};
+use crate::pods::{PodError, Pods};
+use crate::shim_client::ShimLauncher;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("image store {path}: {source}")]
+    Store { path: PathBuf, source: ImageError },
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub(crate) fn pod_status(e: PodError) -> Status {
+    let code = match &e {
+        PodError::UnknownHandler { .. } | PodError::HostNamespace(_) => Code::InvalidArgument,
+        PodError::Cni(CniError::NoConfig(_) | CniError::BadConfig { .. }) => {
+            Code::FailedPrecondition
+        }
+        PodError::Cni(_) | PodError::Shim(_) => Code::Unknown,
+        PodError::Netns(_) | PodError::Bundle { .. } => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+pub(crate) fn image_status(e: ImageError) -> Status {
+    let code = match &e {
+        ImageError::NotFound(_) | ImageError::NoPlatform { .. } => Code::NotFound,
+        ImageError::InvalidReference { .. } => Code::InvalidArgument,
+        ImageError::RegistryRejected(_) => Code::PermissionDenied,
+        ImageError::Registry { .. } => Code::Unavailable,
+        ImageError::Digest { .. } | ImageError::Verification { .. } => Code::DataLoss,
+        ImageError::UnsupportedMediaType(_)
+        | ImageError::Malformed { .. }
+        | ImageError::UnsafePath { .. } => Code::FailedPrecondition,
+        ImageError::Unpack { .. } | ImageError::Io { .. } => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// The shim binary: configured, else beside huskd, else `containerd-shim-husk-v2` on PATH.
+fn shim_binary(config: &Config) -> PathBuf {
+    const NAME: &str = "containerd-shim-husk-v2";
+    if !config.shim.as_os_str().is_empty() {
+        return config.shim.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(NAME)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| NAME.into())
+}
+
+/// Serves CRI on the configured socket until `shutdown` completes; removes the socket then.
+/// `config_path` is the file the config came from: the shim reads the same file.
+pub async fn serve(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let image_dir = config.image_dir();
+    let store = Store::open(&image_dir).map_err(|source| ServeError::Store {
+        path: image_dir.clone(),
+        source,
+    })?;
+    let puller = Puller::new(&config.registries, config.default_registry_policy);
+    let images = image::Images::new(Arc::new(store), puller);
+    let launcher = ShimLauncher {
+        binary: shim_binary(&config),
+        namespace: "k8s.io".into(),
+        address: config.socket.display().to_string(),
+        // huskd does not serve the events API yet: the shim's fallback publisher is a
+        // no-op until it does.
+        publish_binary: "/bin/true".into(),
+        config: config_path,
+    };
+    let pods = Pods::new(&config, launcher);
+    let runtime = runtime::Runtime::new(config.clone(), pods);
+
+    let socket = config.socket.clone();
+    let sock_err = |source| ServeError::Socket {
+        path: socket.clone(),
+        source,
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    let listener = UnixListener::bind(&socket).map_err(sock_err)?;
+    info!(socket = %socket.display(), "huskd serving CRI v1");
+    let r = tonic::transport::Server::builder()
+        .add_service(RuntimeServiceServer::new(runtime))
+        .add_service(ImageServiceServer::new(images))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&socket);
+    r?;
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! The CRI RuntimeService. Version, Status, RuntimeConfig and the pod sandbox calls answer
+//! now; container calls answer UNIMPLEMENTED (explicitly, so kubelet and crictl say so).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use tonic::{Request, Response, Status};
+
+use super::pod_status;
+use crate::cni::{self, PortMapping};
+use crate::config::{CgroupDriver, Config};
+use crate::pods::{Pod, PodSpec, PodState, Pods};
+
+/// The CRI API version huskd speaks.
+const CRI_API_VERSION: &str = "v1";
+const RUNTIME_NAME: &str = "husk";
+
+pub struct Runtime {
+    config: Config,
+    pods: Pods,
+}
+
+impl Runtime {
+    pub fn new(config: Config, pods: Pods) -> Runtime {
+        Runtime { config, pods }
+    }
+}
+
+/// CRI's pod config in the pod layer's terms.
+fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
+    let md = c.metadata.unwrap_or_default();
+    let ns = c
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default();
+    let node = cri::NamespaceMode::Node as i32;
+    let host_namespaces = [("network", ns.network), ("pid", ns.pid), ("ipc", ns.ipc)]
+        .into_iter()
+        .filter(|(_, mode)| *mode == node)
+        .map(|(name, _)| name)
+        .collect();
+    let port_mappings = c
+        .port_mappings
+        .iter()
+        .filter(|p| p.host_port > 0)
+        .map(|p| PortMapping {
+            host_port: p.host_port as u16,
+            container_port: p.container_port as u16,
+            protocol: match cri::Protocol::try_from(p.protocol) {
+                Ok(cri::Protocol::Udp) => "udp",
+                Ok(cri::Protocol::Sctp) => "sctp",
+                _ => "tcp",
+            }
+            .into(),
+            host_ip: p.host_ip.clone(),
+        })
+        .collect();
+    PodSpec {
+        name: md.name,
+        namespace: md.namespace,
+        uid: md.uid,
+        attempt: md.attempt,
+        hostname: c.hostname,
+        log_directory: c.log_directory,
+        labels: c.labels.into_iter().collect(),
+        annotations: c.annotations.into_iter().collect(),
+        port_mappings,
+        host_namespaces,
+    }
+}
+
+fn cri_state(s: PodState) -> i32 {
+    match s {
+        PodState::Ready => cri::PodSandboxState::SandboxReady as i32,
+        PodState::NotReady => cri::PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+fn metadata(p: &Pod) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: p.spec.name.clone(),
+        uid: p.spec.uid.clone(),
+        namespace: p.spec.namespace.clone(),
+        attempt: p.spec.attempt,
+    }
+}
+
+/// Methods not implemented yet, each answering UNIMPLEMENTED with its name. The signature
+/// is what `#[async_trait]` makes of the trait's `async fn`s.
+macro_rules! not_yet {
+    ($($name:ident: $req:ident => $resp:ident),* $(,)?) => {$(
+        fn $name<'life0, 'async_trait>(
+            &'life0 self,
+            _request: Request<cri::$req>,
+        ) -> Pin<Box<dyn Future<Output = Result<Response<cri::$resp>, Status>> + Send + 'async_trait>>
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async {
+                Err(Status::unimplemented(concat!(
+                    "huskd does not implement ",
+                    stringify!($name),
+                    " yet"
+                )))
+            })
+        }
+    )*};
+}
+
+type EventStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RuntimeService for Runtime {
+    async fn version(
+        &self,
+        _request: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: CRI_API_VERSION.into(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let network = match cni::Network::load(&self.config.cni.conf_dir) {
+            Ok(net) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                reason: String::new(),
+                message: format!("CNI network {:?}", net.name()),
+            },
+            Err(e) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: e.to_string(),
+            },
+        };
+        let runtime = cri::RuntimeCondition {
+            r#type: "RuntimeReady".into(),
+            status: true,
+            ..Default::default()
+        };
+        // Every handler runs our shim: no recursive read-only mounts or user namespaces yet.
+        let runtime_handlers = self
+            .config
+            .runtime_handlers
+            .iter()
+            .map(|h| cri::RuntimeHandler {
+                name: h.clone(),
+                features: Some(cri::RuntimeHandlerFeatures::default()),
+            })
+            .collect();
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![runtime, network],
+            }),
+            runtime_handlers,
+            ..Default::default()
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _request: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        let driver = match self.config.cgroup_driver {
+            CgroupDriver::Cgroupfs => cri::CgroupDriver::Cgroupfs,
+            CgroupDriver::Systemd => cri::CgroupDriver::Systemd,
+        };
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: driver as i32,
+            }),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let req = request.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("RunPodSandbox: no config"))?;
+        let id = self
+            .pods
+            .run(pod_spec(config), &req.runtime_handler)
+            .await
+            .map_err(pod_status)?;
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        self.pods.stop(&id).await.map_err(pod_status)?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        self.pods.remove(&id).await.map_err(pod_status)?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        let p = self
+            .pods
+            .get(&id)
+            .await
+            .ok_or_else(|| Status::not_found(format!("pod sandbox {id:?} not found")))?;
+        let status = cri::PodSandboxStatus {
+            id: p.id.clone(),
+            metadata: Some(metadata(&p)),
+            state: cri_state(p.state),
+            created_at: p.created_at_ns,
+            network: Some(cri::PodSandboxNetworkStatus {
+                ip: p.ip.clone().unwrap_or_default(),
+                additional_ips: vec![],
+            }),
+            labels: p.spec.labels.clone().into_iter().collect(),
+            annotations: p.spec.annotations.clone().into_iter().collect(),
+            runtime_handler: p.handler.clone(),
+            ..Default::default()
+        };
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(status),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let f = request.into_inner().filter.unwrap_or_default();
+        let items = self
+            .pods
+            .list()
+            .await
+            .into_iter()
+            .filter(|p| f.id.is_empty() || p.id == f.id)
+            .filter(|p| {
+                f.state
+                    .as_ref()
+                    .is_none_or(|s| s.state == cri_state(p.state))
+            })
+            .filter(|p| {
+                f.label_selector
+                    .iter()
+                    .all(|(k, v)| p.spec.labels.get(k) == Some(v))
+            })
+            .map(|p| cri::PodSandbox {
+                id: p.id.clone(),
+                metadata: Some(metadata(&p)),
+                state: cri_state(p.state),
+                created_at: p.created_at_ns,
+                labels: p.spec.labels.clone().into_iter().collect(),
+                annotations: p.spec.annotations.clone().into_iter().collect(),
+                runtime_handler: p.handler.clone(),
+            })
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    type GetContainerEventsStream = EventStream;
+
+    async fn get_container_events(
+        &self,
+        _request: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        Err(Status::unimplemented(
+            "huskd does not implement get_container_events yet",
+        ))
+    }
+
+    not_yet! {
+        create_container: CreateContainerRequest => CreateContainerResponse,
+        start_container: StartContainerRequest => StartContainerResponse,
+        stop_container: StopContainerRequest => StopContainerResponse,
+        remove_container: RemoveContainerRequest => RemoveContainerResponse,
+        list_containers: ListContainersRequest => ListContainersResponse,
+        container_status: ContainerStatusRequest => ContainerStatusResponse,
+        update_container_resources: UpdateContainerResourcesRequest => UpdateContainerResourcesResponse,
+        reopen_container_log: ReopenContainerLogRequest => ReopenContainerLogResponse,
+        exec_sync: ExecSyncRequest => ExecSyncResponse,
+        exec: ExecRequest => ExecResponse,
+        attach: AttachRequest => AttachResponse,
+        port_forward: PortForwardRequest => PortForwardResponse,
+        container_stats: ContainerStatsRequest => ContainerStatsResponse,
+        list_container_stats: ListContainerStatsRequest => ListContainerStatsResponse,
+        pod_sandbox_stats: PodSandboxStatsRequest => PodSandboxStatsResponse,
+        list_pod_sandbox_stats: ListPodSandboxStatsRequest => ListPodSandboxStatsResponse,
+        update_runtime_config: UpdateRuntimeConfigRequest => UpdateRuntimeConfigResponse,
+        checkpoint_container: CheckpointContainerRequest => CheckpointContainerResponse,
+        list_metric_descriptors: ListMetricDescriptorsRequest => ListMetricDescriptorsResponse,
+        list_pod_sandbox_metrics: ListPodSandboxMetricsRequest => ListPodSandboxMetricsResponse,
+    }
+}

@@ -1,0 +1,269 @@
+//! Starting our shim and speaking shim v2 to it, exactly as containerd 1.6 does: `start`
+//! with `-namespace -address -publish-binary -id` in the bundle directory (the runtime
+//! options, naming huskd's config file, as a protobuf `Any` on stdin), the printed address
+//! dialled over ttrpc, the Task API on it, and `delete` with `-bundle` to clean up a shim
+//! that is gone. huskd links only the protocol, never the sandbox layer.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use containerd_shim_protos::api;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim_async::{Client, TaskClient};
+use containerd_shim_protos::ttrpc::context;
+use tokio::io::AsyncWriteExt;
+
+/// The message type of the runtime options (`runtimeoptions.v1.Options`).
+const OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("shim {binary}: start failed: {message}")]
+    Start { binary: PathBuf, message: String },
+    #[error("shim at {address}: connect: {message}")]
+    Connect { address: String, message: String },
+    #[error("shim task {call}: {message}")]
+    Call { call: &'static str, message: String },
+    #[error("shim {binary}: delete failed: {message}")]
+    Delete { binary: PathBuf, message: String },
+}
+
+/// How huskd runs the shim binary.
+#[derive(Clone, Debug)]
+pub struct ShimLauncher {
+    pub binary: PathBuf,
+    /// `-namespace` (containerd's namespace; ours is fixed).
+    pub namespace: String,
+    /// `-address`: where the shim may publish events over ttrpc (`<address>.ttrpc`).
+    pub address: String,
+    /// `-publish-binary`: the fallback event publisher.
+    pub publish_binary: PathBuf,
+    /// The husk.toml the shim reads (sent as the runtime options' ConfigPath).
+    pub config: Option<PathBuf>,
+}
+
+/// A protobuf varint.
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// `runtimeoptions.v1.Options{config_path}` as an `Any` (field 2, a string: by hand, as the
+/// shim decodes it by hand).
+fn options_any(config: &Path) -> Any {
+    let path = config.to_string_lossy();
+    let mut value = vec![0x12];
+    varint(path.len(), &mut value);
+    value.extend_from_slice(path.as_bytes());
+    Any {
+        type_url: OPTIONS_TYPE.into(),
+        value,
+        ..Default::default()
+    }
+}
+
+impl ShimLauncher {
+    fn command(&self, id: &str, bundle: &Path) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(&self.binary);
+        c.arg("-namespace")
+            .arg(&self.namespace)
+            .arg("-address")
+            .arg(&self.address)
+            .arg("-publish-binary")
+            .arg(&self.publish_binary)
+            .arg("-id")
+            .arg(id)
+            .current_dir(bundle)
+            .env("TTRPC_ADDRESS", format!("{}.ttrpc", self.address))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Runs `start` in `bundle` (which holds config.json); returns the address it printed.
+    pub async fn start(&self, id: &str, bundle: &Path) -> Result<String, ShimError> {
+        let fail = |message: String| ShimError::Start {
+            binary: self.binary.clone(),
+            message,
+        };
+        let mut cmd = self.command(id, bundle);
+        cmd.arg("start").stdin(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| fail(e.to_string()))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        if let Some(config) = &self.config {
+            let any = options_any(config)
+                .write_to_bytes()
+                .map_err(|e| fail(e.to_string()))?;
+            stdin
+                .write_all(&any)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        // containerd reads stdout and stderr together (CombinedOutput) and dials the rest.
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .trim()
+        .to_string();
+        if !out.status.success() {
+            return Err(fail(format!("{text} ({})", out.status)));
+        }
+        Ok(text)
+    }
+
+    /// Runs `delete` (cleanup of a shim that is gone or failed), as containerd does.
+    pub async fn delete(&self, id: &str, bundle: &Path) -> Result<(), ShimError> {
+        let mut cmd = self.command(id, bundle);
+        cmd.arg("-bundle")
+            .arg(bundle)
+            .arg("delete")
+            .stdin(Stdio::null());
+        let out = cmd.output().await.map_err(|e| ShimError::Delete {
+            binary: self.binary.clone(),
+            message: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(ShimError::Delete {
+                binary: self.binary.clone(),
+                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A ttrpc connection to one shim.
+pub struct Shim {
+    client: TaskClient,
+}
+
+fn ctx() -> context::Context {
+    context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+}
+
+fn call_err(call: &'static str) -> impl FnOnce(containerd_shim_protos::ttrpc::Error) -> ShimError {
+    move |e| ShimError::Call {
+        call,
+        message: match e {
+            containerd_shim_protos::ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+            e => e.to_string(),
+        },
+    }
+}
+
+impl Shim {
+    pub async fn connect(address: &str) -> Result<Shim, ShimError> {
+        let client = Client::connect(address)
+            .await
+            .map_err(|e| ShimError::Connect {
+                address: address.into(),
+                message: e.to_string(),
+            })?;
+        Ok(Shim {
+            client: TaskClient::new(client),
+        })
+    }
+
+    /// Create of a task whose bundle holds config.json; `config` rides along as the
+    /// runtime options, as containerd sends them. Returns the task's pid.
+    pub async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        config: Option<&Path>,
+    ) -> Result<u32, ShimError> {
+        let req = api::CreateTaskRequest {
+            id: id.into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            options: MessageField::from_option(config.map(options_any)),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .create(ctx(), &req)
+            .await
+            .map_err(call_err("Create"))?;
+        Ok(r.pid)
+    }
+
+    pub async fn start(&self, id: &str) -> Result<u32, ShimError> {
+        let req = api::StartRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .start(ctx(), &req)
+            .await
+            .map_err(call_err("Start"))?;
+        Ok(r.pid)
+    }
+
+    pub async fn kill(&self, id: &str, signal: u32) -> Result<(), ShimError> {
+        let req = api::KillRequest {
+            id: id.into(),
+            signal,
+            all: true,
+            ..Default::default()
+        };
+        self.client
+            .kill(ctx(), &req)
+            .await
+            .map_err(call_err("Kill"))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<(), ShimError> {
+        let req = api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        self.client
+            .delete(ctx(), &req)
+            .await
+            .map_err(call_err("Delete"))?;
+        Ok(())
+    }
+
+    /// Asks the shim to exit (it does once it holds no task).
+    pub async fn shutdown(&self, id: &str) -> Result<(), ShimError> {
+        let req = api::ShutdownRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        // The shim may exit before it answers: a dropped connection is the expected end.
+        let _ = self.client.shutdown(ctx(), &req).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_any_is_what_the_shim_decodes() {
+        let a = options_any(Path::new("/etc/husk/husk.toml"));
+        assert_eq!(a.type_url, OPTIONS_TYPE);
+        let mut want = vec![0x12, 19];
+        want.extend_from_slice(b"/etc/husk/husk.toml");
+        assert_eq!(a.value, want);
+        let mut long = Vec::new();
+        varint(300, &mut long);
+        assert_eq!(long, [0xac, 0x02]);
+    }
+}
