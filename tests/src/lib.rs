@@ -123,6 +123,136 @@ pub mod vmm_proc {
     }
 }
 
+pub mod cmd {
+    //! Host processes with a deadline: a test must not wait forever on a process (or a
+    //! pipe) whose VM died quietly; it fails with what the process printed instead.
+    use std::io::{Read, Write};
+    use std::process::{Command, ExitStatus, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    /// What a process printed and how it ended.
+    pub struct Output {
+        pub status: ExitStatus,
+        pub stdout: Vec<u8>,
+        pub stderr: Vec<u8>,
+    }
+
+    fn collect(mut r: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = buf.clone();
+        let t = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = r.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        (buf, t)
+    }
+
+    fn text(b: &Mutex<Vec<u8>>) -> String {
+        String::from_utf8_lossy(&b.lock().unwrap()).into_owned()
+    }
+
+    /// Runs `cmd` with `stdin` as its input (none: /dev/null) and its output captured, and
+    /// waits for it and for the end of its output. Once `limit` has passed, kills it and
+    /// panics with what it printed so far.
+    pub fn output_within(cmd: &mut Command, stdin: Option<&[u8]>, limit: Duration) -> Output {
+        let prog = cmd.get_program().to_string_lossy().into_owned();
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {prog}: {e}"));
+        if let Some(data) = stdin {
+            let mut w = child.stdin.take().expect("stdin piped");
+            let data = data.to_vec();
+            // A thread, so that a child that does not read cannot block us past the deadline.
+            std::thread::spawn(move || {
+                let _ = w.write_all(&data);
+            });
+        }
+        let (out, out_t) = collect(child.stdout.take().expect("stdout piped"));
+        let (err, err_t) = collect(child.stderr.take().expect("stderr piped"));
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait for the child") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{prog} did not end within {} s\n--- stdout so far ---\n{}\n--- stderr so far ---\n{}",
+                    limit.as_secs(),
+                    text(&out),
+                    text(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // A process it left behind may still hold the pipes.
+        while !out_t.is_finished() || !err_t.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "{prog} ended ({status}), but its output did not within {} s\n--- stdout so far ---\n{}\n--- stderr so far ---\n{}",
+                limit.as_secs(),
+                text(&out),
+                text(&err)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stdout = std::mem::take(&mut *out.lock().unwrap());
+        let stderr = std::mem::take(&mut *err.lock().unwrap());
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The first `n` bytes of `r` (all of it to EOF when `n` is None) within `limit`, or
+    /// an error saying what came instead. On a timeout the reading thread is left behind,
+    /// blocked until the pipe closes.
+    pub fn read_within(
+        r: impl Read + Send + 'static,
+        n: Option<usize>,
+        limit: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let r = match n {
+                Some(n) => r.take(n as u64).read_to_end(&mut buf),
+                None => {
+                    let mut r = r;
+                    r.read_to_end(&mut buf)
+                }
+            };
+            let _ = tx.send(r.map(|_| buf));
+        });
+        match rx.recv_timeout(limit) {
+            Ok(Ok(b)) if n.is_none_or(|n| b.len() == n) => Ok(b),
+            Ok(Ok(b)) => Err(format!(
+                "EOF after {:?} instead of {} bytes",
+                String::from_utf8_lossy(&b),
+                n.unwrap_or_default()
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("nothing within {} s", limit.as_secs())),
+        }
+    }
+}
+
 pub mod leaks {
     //! What a test must leave as it found it: VMM and virtiofsd processes, mounts, network
     //! interfaces and husk's per-VM run directories.
@@ -245,12 +375,53 @@ pub mod leaks {
 }
 
 pub mod pod {
-    //! Pod VMs for the KVM tests and benchmarks: the built guest images and VMM, and a VM
-    //! booted up to its agent answering.
+    //! Pod VMs for the KVM tests and benchmarks: the built guest images and VMM, a VM
+    //! booted up to its agent answering, and agent calls with a deadline.
+    use std::future::Future;
     use std::time::{Duration, Instant};
 
+    use husk_proto::agent as pb;
     use husk_shim::agent::Agent;
     use husk_shim::vm::{Vm, VmSpec};
+
+    /// The longest a test waits on a process in the guest (its output to the end, its exit).
+    /// The client calls for those wait for as long as the process runs; a guest that dies
+    /// quietly must fail its test with a message, not hang the lab until its timeout.
+    pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
+
+    /// `f`'s result, or a panic naming `what` once `limit` has passed.
+    pub async fn within<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
+        tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+            panic!(
+                "{what}: nothing from the guest within {} s (is the VM still running?)",
+                limit.as_secs()
+            )
+        })
+    }
+
+    /// A process's whole stdout (or stderr), within `PROCESS_TIMEOUT`.
+    pub async fn output(agent: &Agent, id: &str, exec_id: &str, stderr: bool) -> String {
+        let what = format!(
+            "{} of {id}/{exec_id} to its end",
+            if stderr { "stderr" } else { "stdout" }
+        );
+        let b = within(
+            &what,
+            PROCESS_TIMEOUT,
+            agent.read_to_end(id, exec_id, stderr),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// The exit of a process, within `PROCESS_TIMEOUT`.
+    pub async fn wait_process(agent: &Agent, id: &str, exec_id: &str) -> pb::WaitProcessResponse {
+        let what = format!("WaitProcess of {id}/{exec_id}");
+        within(&what, PROCESS_TIMEOUT, agent.wait_process(id, exec_id))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
 
     /// The pod VM of this build tree (`guest-image/build`, `cargo build --bins`).
     pub fn spec() -> VmSpec {
