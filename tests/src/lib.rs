@@ -128,6 +128,8 @@ pub mod vmm_proc {
     }
 }
 
+pub mod cmd;
+
 pub mod leaks {
     //! What a test must leave as it found it: VMM and virtiofsd processes, mounts, network
     //! interfaces and husk's sandbox directories.
@@ -252,12 +254,54 @@ pub mod leaks {
 }
 
 pub mod pod {
-    //! Pod VMs for the KVM tests and benchmarks: the built guest images and VMM, and a
-    //! sandbox booted up to its agent answering.
+    //! Pod VMs for the KVM tests and benchmarks: the built guest images and VMM, a sandbox
+    //! booted up to its agent answering, and agent calls with a deadline.
+    use std::future::Future;
     use std::time::{Duration, Instant};
 
+    use husk_agent_client::Agent;
+    use husk_proto::agent as pb;
     use husk_shim::sandbox::vm::VmSpec;
     use husk_shim::sandbox::{Sandbox, SandboxConfig};
+
+    /// The longest a test waits on a process in the guest (its output to the end, its exit).
+    /// The client calls for those wait for as long as the process runs; a guest that dies
+    /// quietly must fail its test with a message, not hang the lab until its timeout.
+    pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
+
+    /// `f`'s result, or a panic naming `what` once `limit` has passed.
+    pub async fn within<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
+        tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+            panic!(
+                "{what}: nothing from the guest within {} s (is the VM still running?)",
+                limit.as_secs()
+            )
+        })
+    }
+
+    /// A process's whole stdout (or stderr), within `PROCESS_TIMEOUT`.
+    pub async fn output(agent: &Agent, id: &str, exec_id: &str, stderr: bool) -> String {
+        let what = format!(
+            "{} of {id}/{exec_id} to its end",
+            if stderr { "stderr" } else { "stdout" }
+        );
+        let b = within(
+            &what,
+            PROCESS_TIMEOUT,
+            agent.read_to_end(id, exec_id, stderr),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// The exit of a process, within `PROCESS_TIMEOUT`.
+    pub async fn wait_process(agent: &Agent, id: &str, exec_id: &str) -> pb::WaitProcessResponse {
+        let what = format!("WaitProcess of {id}/{exec_id}");
+        within(&what, PROCESS_TIMEOUT, agent.wait_process(id, exec_id))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
 
     /// The pod VM of this build tree (`guest-image/build`, `cargo build --bins`).
     pub fn spec() -> VmSpec {

@@ -29,11 +29,7 @@ async fn run(agent: &Agent, id: &str, spec: serde_json::Value) {
 }
 
 async fn output(agent: &Agent, id: &str, stderr: bool) -> String {
-    let b = agent
-        .read_to_end(id, "", stderr)
-        .await
-        .expect("read output");
-    String::from_utf8_lossy(&b).into_owned()
+    pod::output(agent, id, "", stderr).await
 }
 
 fn vm_name(test: &str) -> String {
@@ -61,7 +57,7 @@ fn agent_runs_a_container_over_vsock() {
         .await;
         let out = output(&agent, "c1", false).await;
         let err = output(&agent, "c1", true).await;
-        let w = agent.wait_process("c1", "").await.expect("WaitProcess");
+        let w = pod::wait_process(&agent, "c1", "").await;
         assert_eq!(w.exit_status, 7, "stdout {out:?} stderr {err:?}");
         let mut lines = out.lines();
         assert_eq!(lines.next(), Some("out"));
@@ -104,7 +100,7 @@ fn memory_limit_is_enforced_and_oom_reported() {
         });
         run(&agent, "hog", spec).await;
         let out = output(&agent, "hog", false).await;
-        let w = agent.wait_process("hog", "").await.expect("WaitProcess");
+        let w = pod::wait_process(&agent, "hog", "").await;
         // The limit is in the container's own cgroup (its namespace root).
         assert_eq!(out.lines().next(), Some("16777216"), "{out}");
         assert_eq!(w.signal, 9, "dd should be OOM-killed: {w:?}");
@@ -178,7 +174,7 @@ fn interface_and_routes_reach_the_host_tap() {
         run(&agent, "pinger", spec).await;
         let out = output(&agent, "pinger", false).await;
         let err = output(&agent, "pinger", true).await;
-        let w = agent.wait_process("pinger", "").await.expect("WaitProcess");
+        let w = pod::wait_process(&agent, "pinger", "").await;
         assert_eq!(w.exit_status, 0, "ping failed: {out} {err}");
         assert!(out.contains("1 packets received"), "{out}");
         assert!(out.contains("default via 10.215.0.1 dev eth0"), "{out}");

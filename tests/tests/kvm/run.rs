@@ -1,9 +1,13 @@
 //! `husk run`, the CLI, end to end: a command in a container in a fresh microVM.
-use std::io::Read;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_tests::cmd::{output_within, read_within, Output};
 use husk_tests::leaks::Snapshot;
+
+/// The longest one `husk run` may take in these tests (boot, command, teardown): a VM that
+/// dies quietly fails the test instead of hanging the lab.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn husk() -> Command {
     let mut c = Command::new(husk_tests::bin_dir().join("husk"));
@@ -13,7 +17,18 @@ fn husk() -> Command {
 }
 
 fn run(args: &[&str]) -> Output {
-    husk().arg("run").args(args).output().expect("run husk")
+    output_within(husk().arg("run").args(args), None, RUN_TIMEOUT)
+}
+
+/// The first `n` bytes `husk run` prints, within `RUN_TIMEOUT`; kills it and fails the
+/// test when they do not come.
+fn first_output(child: &mut Child, n: usize) -> Vec<u8> {
+    let out = child.stdout.take().expect("stdout piped");
+    read_within(out, Some(n), RUN_TIMEOUT).unwrap_or_else(|e| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the container's first output: {e}")
+    })
 }
 
 fn text(b: &[u8]) -> String {
@@ -54,26 +69,16 @@ fn husk_run_uses_an_image_directory_over_virtio_fs_and_forwards_stdin() {
     let _ = std::fs::remove_dir_all(&dir);
     husk_tests::busybox_rootfs(&dir, &["sh", "cat", "wc"]);
     std::fs::write(dir.join("etc/motd"), "from the host's image\n").unwrap();
-    let mut child = husk()
-        .args(["run", "-i", "--image"])
-        .arg(&dir)
-        .args([
+    let o = output_within(
+        husk().args(["run", "-i", "--image"]).arg(&dir).args([
             "--",
             "sh",
             "-c",
             "cat /etc/motd; cat > /from-guest; wc -c < /from-guest",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"piped through vsock\n").unwrap();
-    }
-    let o = child.wait_with_output().unwrap();
+        ]),
+        Some(b"piped through vsock\n"),
+        RUN_TIMEOUT,
+    );
     assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "from the host's image\n20\n");
     assert_eq!(
@@ -94,11 +99,7 @@ fn husk_run_reports_a_dead_vmm_and_cleans_up() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut first = [0u8; 3];
-    out.read_exact(&mut first)
-        .expect("the container's first output");
-    assert_eq!(&first, b"up\n");
+    assert_eq!(first_output(&mut child, 3), b"up\n");
     let vmm = vmm_child_of(child.id()).expect("husk-vmm under husk run");
     // The guest dies under husk: the VMM is killed.
     unsafe_kill(vmm, libc::SIGKILL);
@@ -113,13 +114,9 @@ fn husk_run_reports_a_dead_vmm_and_cleans_up() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = read_within(child.stderr.take().unwrap(), None, Duration::from_secs(30))
+        .map(|b| text(&b))
+        .unwrap_or_else(|e| panic!("husk run's stderr to its end: {e}"));
     assert_eq!(status.code(), Some(125), "{err}");
     assert!(err.contains("husk run:"), "{err}");
     before.assert_nothing_leaked();
@@ -135,8 +132,7 @@ fn killing_husk_run_takes_its_vm_down() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut first = [0u8; 3];
-    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    assert_eq!(first_output(&mut child, 3), b"up\n");
     assert!(vmm_child_of(child.id()).is_some());
     child.kill().unwrap();
     child.wait().unwrap();

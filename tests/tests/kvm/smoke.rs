@@ -1,4 +1,6 @@
 //! The smallest real KVM guest: 64-bit long mode, one port write, then HLT.
+use std::time::Duration;
+
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -89,13 +91,22 @@ fn long_mode_guest_writes_a_port_and_halts() {
     regs.rflags = 2;
     vcpu.set_regs(&regs).unwrap();
 
-    let mut seen = None;
-    loop {
-        match vcpu.run().expect("KVM_RUN failed") {
-            VcpuExit::IoOut(port, data) => seen = Some((port, data.to_vec())),
-            VcpuExit::Hlt => break,
-            other => panic!("unexpected exit {other:?}"),
+    // In a thread with a deadline: KVM_RUN of a guest that never exits would otherwise
+    // block this test, and the lab, forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = None;
+        loop {
+            match vcpu.run().expect("KVM_RUN failed") {
+                VcpuExit::IoOut(port, data) => seen = Some((port, data.to_vec())),
+                VcpuExit::Hlt => break,
+                other => panic!("unexpected exit {other:?}"),
+            }
         }
-    }
+        let _ = tx.send(seen);
+    });
+    let seen = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the guest did not halt within 60 s (or its vCPU thread failed, see above)");
     assert_eq!(seen, Some((PORT, vec![0x44, 0x33, 0x22, 0x11])));
 }

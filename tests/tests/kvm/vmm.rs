@@ -100,7 +100,10 @@ fn connect_guest(uds: &Path, port: u32, deadline: Instant) -> UnixStream {
                 line.push(b[0]);
             }
             if line.starts_with(b"OK ") {
+                // Shared by every clone of the stream: no read or write waits forever on a
+                // guest that died.
                 s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
                 return s;
             }
         }
