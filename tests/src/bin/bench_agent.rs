@@ -9,6 +9,10 @@
 //!   busybox image. Peer: `runc run` of the same busybox bundle with the same spec on this
 //!   host, from spawn to exit.
 //!
+//! - boot phases: where the boot went, from husk-vmm's log (process start to its first
+//!   KVM_RUN) and the agent's own boot timeline (`Version`: when, on the guest's clock, it
+//!   started as init and began serving); the rest is the host's side (launch, API, vsock).
+//!
 //! Each figure is the median of `--runs` (default 20); the table shows ratios to the peer.
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -86,6 +90,31 @@ fn runc_run(bundle: &Path, id: &str) -> Duration {
     took
 }
 
+/// One boot's phases in ms: (VMM start → first KVM_RUN, kernel → init, init → serving).
+async fn boot_phases(sandbox: &husk_shim::sandbox::Sandbox) -> (f64, f64, f64) {
+    let log = std::fs::read_to_string(sandbox.dir().join("vmm.log")).unwrap_or_default();
+    let first_run = log
+        .lines()
+        .find_map(|l| l.split_once("first KVM_RUN ").map(|(_, r)| r.to_string()))
+        .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no first KVM_RUN line in vmm.log (HUSK_LOG=info?):\n{log}"));
+    let v = sandbox
+        .agent()
+        .health
+        .version(
+            husk_agent_client::ctx(Duration::from_secs(10)),
+            &husk_proto::agent::CheckRequest::new(),
+        )
+        .await
+        .expect("agent Version");
+    assert!(v.boot_init_ms > 0, "the agent reported no boot timeline");
+    (
+        first_run,
+        v.boot_init_ms as f64,
+        v.boot_serving_ms.saturating_sub(v.boot_init_ms) as f64,
+    )
+}
+
 fn main() {
     let mut runs = 20usize;
     let mut args = std::env::args().skip(1);
@@ -99,17 +128,27 @@ fn main() {
         }
     }
     husk_tests::require_kvm();
+    // The VMM's start-up lines are at info level.
+    std::env::set_var("HUSK_LOG", "info");
     let rt = pod::runtime();
     let spec = pod::spec();
     let pid = std::process::id();
 
     let mut boots = Vec::new();
+    let mut phases = (Vec::new(), Vec::new(), Vec::new());
     let mut starts = Vec::new();
     rt.block_on(async {
         for i in 0..runs {
             let (sandbox, took) = pod::boot(&format!("bench-boot-{pid}-{i}"), "bench", &spec).await;
             boots.push(ms(took));
-            eprintln!("boot {i}: {:.0} ms", ms(took));
+            let (vmm, kernel, agent) = boot_phases(&sandbox).await;
+            phases.0.push(vmm);
+            phases.1.push(kernel);
+            phases.2.push(agent);
+            eprintln!(
+                "boot {i}: {:.0} ms (VMM {vmm:.0}, kernel {kernel:.0}, agent {agent:.0})",
+                ms(took)
+            );
             sandbox.shutdown().await.unwrap();
         }
         let (sandbox, _) = pod::boot(&format!("bench-warm-{pid}"), "bench", &spec).await;
@@ -133,6 +172,7 @@ fn main() {
         .collect();
     let _ = std::fs::remove_dir_all(&dir);
 
+    let (vmm, kernel, agent) = (median(phases.0), median(phases.1), median(phases.2));
     let (b, s, r) = (median(boots), median(starts), median(runc));
     println!("husk-bench-agent: medians of {runs} runs");
     println!("| measure | husk | peer | ratio |");
@@ -141,5 +181,16 @@ fn main() {
     println!(
         "| create+start+stdout of /bin/true, warm VM vs `runc run` | {s:.1} ms | {r:.1} ms (runc) | {:.2} |",
         s / r
+    );
+    println!();
+    println!("boot phases (medians of {runs}; host and guest clocks, so they add up only roughly)");
+    println!("| phase | ms |");
+    println!("|---|---|");
+    println!("| VMM process start → first KVM_RUN (VMM log) | {vmm:.1} |");
+    println!("| kernel start → agent as init (guest CLOCK_BOOTTIME) | {kernel:.0} |");
+    println!("| agent start → serving on vsock (guest clock) | {agent:.0} |");
+    println!(
+        "| the rest: launch, control API, vsock connect, first answer, CreateSandbox | {:.0} |",
+        b - vmm - kernel - agent
     );
 }
