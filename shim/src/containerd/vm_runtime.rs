@@ -8,7 +8,7 @@
 //! the agent and sends CreateSandbox. Each container's rootfs is mounted on
 //! `<bundle>/rootfs` and bind-mounted into the share; host bind mounts of its spec go the
 //! same way. What it does not do yet (the sandbox layer's work): pod networking (no tap in
-//! the CNI netns: the guest has no NIC), host cgroups, OOM events, state on disk.
+//! the CNI netns: the guest has no NIC), host cgroups, state on disk.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -618,6 +618,20 @@ impl PodRuntime for VmRuntime {
             .write_to_bytes()
             .map_err(|e| Error::Other(e.to_string()))?;
         Ok(any)
+    }
+
+    async fn oom_event(&self) -> Result<String> {
+        let (agent, _) = self.agent().await?;
+        // No deadline: the call returns when an OOM happens, or fails when the VM goes.
+        let ev = agent
+            .events
+            .get_oom_event(
+                husk_proto::ttrpc::context::Context::default(),
+                &pb::Empty::new(),
+            )
+            .await
+            .map_err(|e| agent_err("GetOOMEvent", e))?;
+        Ok(ev.container_id)
     }
 
     async fn pids(&self, container: &str) -> Result<Vec<u32>> {
