@@ -267,12 +267,11 @@ fn is_our_shim(pid: i32) -> bool {
     }
 }
 
-/// HOOK for the sandbox layer (issue 9, "state on disk"): remove everything a dead shim's
-/// sandbox left — VMM and virtiofsd processes, taps, the netns it made, share mounts, the
-/// state directory — from `/run/husk/sandbox/<id>/state.json`. The reshape's
-/// `shim/src/sandbox/state` implements it; until then there is no such state to clean.
+/// Removes everything a dead shim's sandbox left (VMM and virtiofsd processes, share
+/// mounts, the share and VM run directories) from the state file the shim kept
+/// ([`super::sandbox_state`]). Nothing to do after a clean teardown (no file).
 pub fn cleanup_sandbox_state(namespace: &str, sandbox_id: &str) {
-    tracing::debug!(%namespace, %sandbox_id, "no sandbox state layer yet: nothing more to clean");
+    super::sandbox_state::cleanup(&super::sandbox_state::path(namespace, sandbox_id));
 }
 
 /// Writes a DeleteResponse to stdout as containerd reads it (raw protobuf).

@@ -8,7 +8,7 @@
 //! the agent and sends CreateSandbox. Each container's rootfs is mounted on
 //! `<bundle>/rootfs` and bind-mounted into the share; host bind mounts of its spec go the
 //! same way. What it does not do yet (the sandbox layer's work): pod networking (no tap in
-//! the CNI netns: the guest has no NIC), host cgroups, state on disk.
+//! the CNI netns: the guest has no NIC), host cgroups. Its state on disk is [`sandbox_state`]'s.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 use super::error::{Error, Result};
 use super::pod_spec;
 use super::runtime::{ContainerRequest, ExecRequest, ExitStatus, PodRuntime, SandboxRequest};
+use super::sandbox_state::{self, SandboxState};
 use super::stdio::ProcessIo;
 use crate::agent::{ctx, Agent};
 use crate::vm::{ShareSpec, Vm, VmSpec};
@@ -42,7 +43,8 @@ struct VmOwner {
 }
 
 impl VmOwner {
-    fn launch(id: &str, spec: VmSpec) -> Result<(VmOwner, PathBuf, u32)> {
+    /// Returns the owner, the vsock socket, the VMM's pid and the VM's run directory.
+    fn launch(id: &str, spec: VmSpec) -> Result<(VmOwner, PathBuf, u32, PathBuf)> {
         let (stop, stop_rx) = mpsc::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let exited = Arc::new(StdMutex::new(None));
@@ -61,6 +63,7 @@ impl VmOwner {
                 let _ = ready_tx.send(Ok((
                     vm.vsock_uds().to_path_buf(),
                     vm.vmm_pid().unwrap_or(0),
+                    vm.dir().to_path_buf(),
                 )));
                 // A blocking wait on a thread of its own, not on the async runtime.
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
@@ -75,7 +78,7 @@ impl VmOwner {
                 }
             })
             .map_err(|e| Error::io("spawn the VM owner thread", e))?;
-        let (uds, pid) = ready_rx
+        let (uds, pid, dir) = ready_rx
             .recv()
             .map_err(|_| Error::Other("the VM owner thread died".into()))??;
         Ok((
@@ -86,6 +89,7 @@ impl VmOwner {
             },
             uds,
             pid,
+            dir,
         ))
     }
 
@@ -114,6 +118,19 @@ struct Pod {
     mounts: HashMap<String, Vec<PathBuf>>,
     /// Exec processes registered and not yet started.
     pending_execs: HashMap<(String, String), ExecRequest>,
+    /// What `delete` must remove if this shim dies, and where it is kept.
+    state: SandboxState,
+    state_path: PathBuf,
+}
+
+impl Pod {
+    /// Rewrites the state file with the mounts held now.
+    fn save_state(&mut self) {
+        self.state.mounts = self.mounts.values().flatten().cloned().collect();
+        if let Err(e) = self.state.save(&self.state_path) {
+            tracing::warn!("{e}");
+        }
+    }
 }
 
 /// [`PodRuntime`] on `Vm` + `Agent`.
@@ -232,7 +249,7 @@ fn share_container(
 
 /// Removes the pod's shared directory, unless something is still mounted under it: a
 /// recursive removal would then delete the mounted host files themselves.
-fn remove_share(share: &Path) {
+pub(super) fn remove_share(share: &Path) {
     let prefix = format!("{}/", share.display());
     let busy = std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
@@ -358,13 +375,32 @@ impl PodRuntime for VmRuntime {
             readonly: false,
         });
         let started = Instant::now();
-        let (owner, uds, pid) = match VmOwner::launch(&vm_id, spec) {
+        let (owner, uds, pid, vm_dir) = match VmOwner::launch(&vm_id, spec) {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir(&share);
                 return Err(e);
             }
         };
+        // Recorded before anything else can fail: a shim killed from here on leaves a
+        // state file for `delete`. virtiofsd is found by its socket under the run directory.
+        let mut processes: Vec<_> = sandbox_state::proc_of(pid).into_iter().collect();
+        for p in sandbox_state::processes_mentioning(&vm_dir.to_string_lossy()) {
+            if !processes.iter().any(|q| q.pid == p.pid) {
+                processes.push(p);
+            }
+        }
+        let state = SandboxState {
+            sandbox_id: req.id.clone(),
+            processes,
+            vm_dir,
+            share: share.clone(),
+            mounts: Vec::new(),
+        };
+        let state_path = sandbox_state::path(&req.namespace, &req.id);
+        if let Err(e) = state.save(&state_path) {
+            tracing::warn!("{e}");
+        }
         let exited = owner.exited.clone();
         let agent = Agent::connect(
             &uds,
@@ -378,6 +414,7 @@ impl PodRuntime for VmRuntime {
             Err(e) => {
                 owner.shutdown().await;
                 let _ = std::fs::remove_dir(&share);
+                let _ = std::fs::remove_file(&state_path);
                 return Err(e.into());
             }
         };
@@ -394,6 +431,7 @@ impl PodRuntime for VmRuntime {
         if let Err(e) = agent.create_sandbox(&sb).await {
             owner.shutdown().await;
             let _ = std::fs::remove_dir(&share);
+            let _ = std::fs::remove_file(&state_path);
             return Err(e.into());
         }
         *slot = Some(Pod {
@@ -403,6 +441,8 @@ impl PodRuntime for VmRuntime {
             call_timeout: c.timeouts.agent_call(),
             mounts: HashMap::new(),
             pending_execs: HashMap::new(),
+            state,
+            state_path,
         });
         Ok(pid)
     }
@@ -433,6 +473,7 @@ impl PodRuntime for VmRuntime {
         }
         if let Some(p) = self.pod.lock().await.as_mut() {
             p.mounts.insert(req.id.clone(), points);
+            p.save_state();
         }
         Ok(())
     }
@@ -653,14 +694,12 @@ impl PodRuntime for VmRuntime {
                 tracing::warn!(%container, "remove in the guest: {e}");
             }
         }
-        let points = self
-            .pod
-            .lock()
-            .await
-            .as_mut()
-            .and_then(|p| p.mounts.remove(container));
-        if let Some(points) = points {
-            unmount_all(&points);
+        let mut pod = self.pod.lock().await;
+        if let Some(p) = pod.as_mut() {
+            if let Some(points) = p.mounts.remove(container) {
+                unmount_all(&points);
+                p.save_state();
+            }
         }
         Ok(())
     }
@@ -677,6 +716,9 @@ impl PodRuntime for VmRuntime {
         }
         pod.owner.shutdown().await;
         remove_share(&pod.share);
+        if let Err(e) = std::fs::remove_file(&pod.state_path) {
+            tracing::warn!("remove {}: {e}", pod.state_path.display());
+        }
         Ok(())
     }
 }
