@@ -142,7 +142,10 @@ fn stats_update_and_pause_reach_the_guest_cgroup() {
         let s = cri.container_stats(&id).await.unwrap_or_else(|e| {
             let log = std::fs::read_to_string(c.dir().join("containerd.log")).unwrap_or_default();
             let tail: Vec<_> = log.lines().rev().take(40).collect();
-            panic!("{e}\n--- containerd log, last lines first ---\n{}", tail.join("\n"))
+            panic!(
+                "{e}\n--- containerd log, last lines first ---\n{}",
+                tail.join("\n")
+            )
         });
         let cpu = s
             .cpu
