@@ -62,6 +62,9 @@ pub fn is_v1() -> bool {
 
 /// Reads the statistics of the cgroup at `path` (relative to the cgroup root).
 pub fn stats(path: &Path) -> Result<pb::StatsContainerResponse, CgroupError> {
+    if !is_v1() {
+        return stats_v2(path);
+    }
     let s = manager(path)?
         .stats()
         .map_err(|e| op_err("stats", path, e))?;
@@ -120,6 +123,77 @@ pub fn stats(path: &Path) -> Result<pb::StatsContainerResponse, CgroupError> {
             Some("Read" | "read") => e.read_ios = d.value,
             Some("Write" | "write") => e.write_ios = d.value,
             _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Statistics of a v2 cgroup, read from its files. Not libcgroups' v2 `stats()`: that also
+/// reads `cpu.pressure` and fails as a whole on a kernel without PSI, as the guest's is.
+fn stats_v2(path: &Path) -> Result<pb::StatsContainerResponse, CgroupError> {
+    let dir = memory_dir(path);
+    if !dir.is_dir() {
+        return Err(op_err("stats", path, "no such cgroup"));
+    }
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    // "key value" lines (cpu.stat, memory.stat).
+    let flat = |f: &str| -> std::collections::HashMap<String, u64> {
+        read(f)
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    // A single value; "max" (no limit) and absent files are 0.
+    let single = |f: &str| read(f).trim().parse::<u64>().unwrap_or(0);
+    let mut out = pb::StatsContainerResponse::new();
+    let c = flat("cpu.stat");
+    let get = |m: &std::collections::HashMap<String, u64>, k: &str| *m.get(k).unwrap_or(&0);
+    let mut cpu = pb::CpuStats::new();
+    cpu.usage_usec = get(&c, "usage_usec");
+    cpu.user_usec = get(&c, "user_usec");
+    cpu.system_usec = get(&c, "system_usec");
+    cpu.nr_periods = get(&c, "nr_periods");
+    cpu.nr_throttled = get(&c, "nr_throttled");
+    cpu.throttled_usec = get(&c, "throttled_usec");
+    out.cpu = Some(cpu).into();
+    let m = flat("memory.stat");
+    let mut mem = pb::MemoryStats::new();
+    mem.usage_bytes = single("memory.current");
+    mem.limit_bytes = single("memory.max");
+    mem.max_usage_bytes = single("memory.peak");
+    mem.anon_bytes = get(&m, "anon");
+    mem.file_bytes = get(&m, "file");
+    mem.oom_kill = oom_kills(path).unwrap_or(0);
+    out.memory = Some(mem).into();
+    let mut pids = pb::PidsStats::new();
+    pids.current = single("pids.current");
+    pids.limit = single("pids.max");
+    out.pids = Some(pids).into();
+    // "MAJ:MIN rbytes=1 wbytes=2 rios=3 wios=4 ..."
+    for line in read("io.stat").lines() {
+        let mut f = line.split_whitespace();
+        let Some((major, minor)) = f.next().and_then(|d| d.split_once(':')) else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse(), minor.parse()) else {
+            continue;
+        };
+        let e = io_entry(&mut out.io, major, minor);
+        for kv in f {
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            let v = v.parse().unwrap_or(0);
+            match k {
+                "rbytes" => e.read_bytes = v,
+                "wbytes" => e.write_bytes = v,
+                "rios" => e.read_ios = v,
+                "wios" => e.write_ios = v,
+                _ => {}
+            }
         }
     }
     Ok(out)

@@ -267,10 +267,12 @@ fn is_our_shim(pid: i32) -> bool {
     }
 }
 
-/// Removes everything a dead shim's sandbox left (VMM and virtiofsd processes, taps, the
-/// netns it made, mounts, the sandbox directory) from its state on disk
-/// (`/run/husk/sandbox/<id>/state.json`, kept by the sandbox layer).
+/// Removes everything a dead shim's sandbox left: the share mounts and the share this shim
+/// made ([`super::sandbox_state`]'s file), then the VM's processes, taps, netns and directory
+/// from the sandbox layer's state (`/run/husk/sandbox/<id>/state.json`). Nothing to do
+/// after a clean teardown (neither exists).
 pub fn cleanup_sandbox_state(namespace: &str, sandbox_id: &str) {
+    super::sandbox_state::cleanup(&super::sandbox_state::path(namespace, sandbox_id));
     let id = super::vm_runtime::sandbox_vm_id(sandbox_id);
     if let Err(e) = crate::sandbox::Sandbox::cleanup_from_state(&id) {
         tracing::warn!(%namespace, %sandbox_id, "clean up the sandbox from its state: {e}");

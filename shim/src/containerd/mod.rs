@@ -11,6 +11,7 @@ pub mod events;
 pub mod options;
 pub mod pod_spec;
 pub mod runtime;
+pub mod sandbox_state;
 pub mod service;
 pub mod stdio;
 pub mod task_api;

@@ -108,6 +108,9 @@ pub trait PodRuntime: Send + Sync + 'static {
     async fn update(&self, container: &str, resources_json: &[u8]) -> Result<()>;
     /// The container's cgroup v2 statistics as containerd's `io.containerd.cgroups.v2.Metrics`.
     async fn stats(&self, container: &str) -> Result<Any>;
+    /// Long poll: the id of the next container the guest kernel OOM-killed a process of.
+    /// Errors once the pod's VM is gone (the OOM watcher then ends).
+    async fn oom_event(&self) -> Result<String>;
     /// Pids of the container's processes (in the guest).
     async fn pids(&self, container: &str) -> Result<Vec<u32>>;
     /// Removes a container from the VM and unmounts its rootfs on the host; done before

@@ -135,6 +135,7 @@ impl<R: PodRuntime> TaskService<R> {
                 })
                 .await?;
             *self.pod_pid.lock().await = pid;
+            self.spawn_oom_watcher();
         }
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -471,14 +472,34 @@ impl<R: PodRuntime> TaskService<R> {
         Ok(())
     }
 
-    /// Publishes TaskOOM for a container (the sandbox layer's OOM watcher calls this).
-    pub async fn oom(&self, container: &str) {
-        self.publisher
-            .publish(ev::TaskOOM {
-                container_id: container.into(),
-                ..Default::default()
-            })
-            .await;
+    /// Forwards the guest's OOM kills as TaskOOM (CRI then reports reason `OOMKilled`)
+    /// until the pod's VM is gone.
+    fn spawn_oom_watcher(&self) {
+        let runtime = self.runtime.clone();
+        let tasks = self.tasks.clone();
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move {
+            loop {
+                let id = match runtime.oom_event().await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        tracing::debug!("OOM watcher ends: {e}");
+                        return;
+                    }
+                };
+                if tasks.lock().await.get(&id).is_err() {
+                    tracing::debug!(%id, "OOM in a container containerd does not know");
+                    continue;
+                }
+                tracing::info!(%id, "OOM kill in the guest");
+                publisher
+                    .publish(ev::TaskOOM {
+                        container_id: id,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        });
     }
 }
 

@@ -4,7 +4,9 @@
 //! The sandbox's Create boots a [`Sandbox`] (husk-vmm + one virtiofsd exporting the pod's
 //! shared directory `<run root>/share/<sandbox id>`). Each container's rootfs is mounted on
 //! `<bundle>/rootfs` and bind-mounted into the share; host bind mounts of its spec go the
-//! same way. Not yet: pod networking (no tap in the CNI netns: the guest has no NIC) and
+//! same way. What the sandbox layer's state does not know (the share and the container
+//! mounts on the host) is kept in [`sandbox_state`]'s file, for a `delete` after the shim
+//! was killed. Not yet: pod networking (no tap in the CNI netns: the guest has no NIC) and
 //! host cgroups.
 
 use std::collections::HashMap;
@@ -22,6 +24,7 @@ use tokio::sync::Mutex;
 use super::error::{Error, Result};
 use super::pod_spec;
 use super::runtime::{ContainerRequest, ExecRequest, ExitStatus, PodRuntime, SandboxRequest};
+use super::sandbox_state::{self, SandboxState};
 use super::stdio::ProcessIo;
 use crate::sandbox::vm::{ShareSpec, VmSpec};
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -45,6 +48,19 @@ struct Pod {
     mounts: HashMap<String, Vec<PathBuf>>,
     /// Exec processes registered and not yet started.
     pending_execs: HashMap<(String, String), ExecRequest>,
+    /// What `delete` must remove if this shim dies, and where it is kept.
+    state: SandboxState,
+    state_path: PathBuf,
+}
+
+impl Pod {
+    /// Rewrites the state file with the mounts held now.
+    fn save_state(&mut self) {
+        self.state.mounts = self.mounts.values().flatten().cloned().collect();
+        if let Err(e) = self.state.save(&self.state_path) {
+            tracing::warn!("{e}");
+        }
+    }
 }
 
 /// [`PodRuntime`] on `Vm` + `Agent`.
@@ -163,7 +179,7 @@ fn share_container(
 
 /// Removes the pod's shared directory, unless something is still mounted under it: a
 /// recursive removal would then delete the mounted host files themselves.
-fn remove_share(share: &Path) {
+pub(super) fn remove_share(share: &Path) {
     let prefix = format!("{}/", share.display());
     let busy = std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
@@ -301,12 +317,35 @@ impl PodRuntime for VmRuntime {
             }
         };
         let pid = sandbox.vm().vmm_pid().unwrap_or(0) as u32;
+        // The sandbox layer records the VM's processes; the share and the mounts in it are
+        // ours. Recorded before anything else can fail: a shim killed from here on leaves a
+        // state file for `delete`.
+        let vm_dir = sandbox.dir().to_path_buf();
+        let mut processes: Vec<_> = sandbox_state::proc_of(pid).into_iter().collect();
+        for p in sandbox_state::processes_mentioning(&vm_dir.to_string_lossy()) {
+            if !processes.iter().any(|q| q.pid == p.pid) {
+                processes.push(p);
+            }
+        }
+        let state = SandboxState {
+            sandbox_id: req.id.clone(),
+            processes,
+            vm_dir,
+            share: share.clone(),
+            mounts: Vec::new(),
+        };
+        let state_path = sandbox_state::path(&req.namespace, &req.id);
+        if let Err(e) = state.save(&state_path) {
+            tracing::warn!("{e}");
+        }
         *slot = Some(Pod {
             sandbox,
             share,
             call_timeout: c.timeouts.agent_call(),
             mounts: HashMap::new(),
             pending_execs: HashMap::new(),
+            state,
+            state_path,
         });
         Ok(pid)
     }
@@ -337,6 +376,7 @@ impl PodRuntime for VmRuntime {
         }
         if let Some(p) = self.pod.lock().await.as_mut() {
             p.mounts.insert(req.id.clone(), points);
+            p.save_state();
         }
         Ok(())
     }
@@ -524,6 +564,20 @@ impl PodRuntime for VmRuntime {
         Ok(any)
     }
 
+    async fn oom_event(&self) -> Result<String> {
+        let (agent, _) = self.agent().await?;
+        // No deadline: the call returns when an OOM happens, or fails when the VM goes.
+        let ev = agent
+            .events
+            .get_oom_event(
+                husk_proto::ttrpc::context::Context::default(),
+                &pb::Empty::new(),
+            )
+            .await
+            .map_err(|e| agent_err("GetOOMEvent", e))?;
+        Ok(ev.container_id)
+    }
+
     async fn pids(&self, container: &str) -> Result<Vec<u32>> {
         let (agent, timeout) = self.agent().await?;
         let mut r = pb::ContainerRequest::new();
@@ -543,14 +597,12 @@ impl PodRuntime for VmRuntime {
                 tracing::warn!(%container, "remove in the guest: {e}");
             }
         }
-        let points = self
-            .pod
-            .lock()
-            .await
-            .as_mut()
-            .and_then(|p| p.mounts.remove(container));
-        if let Some(points) = points {
-            unmount_all(&points);
+        let mut pod = self.pod.lock().await;
+        if let Some(p) = pod.as_mut() {
+            if let Some(points) = p.mounts.remove(container) {
+                unmount_all(&points);
+                p.save_state();
+            }
         }
         Ok(())
     }
@@ -572,6 +624,9 @@ impl PodRuntime for VmRuntime {
             tracing::warn!("sandbox shutdown: {e}");
         }
         remove_share(&pod.share);
+        if let Err(e) = std::fs::remove_file(&pod.state_path) {
+            tracing::warn!("remove {}: {e}", pod.state_path.display());
+        }
         Ok(())
     }
 }

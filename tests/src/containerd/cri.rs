@@ -169,6 +169,20 @@ impl Cri {
         image: &str,
         args: &[&str],
     ) -> Result<String> {
+        self.run_container_with(pod, name, image, args, cri::LinuxContainerConfig::default())
+            .await
+    }
+
+    /// [`Cri::run_container`] with a container Linux config (resources, as kubelet sets
+    /// them from the pod spec's limits).
+    pub async fn run_container_with(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        image: &str,
+        args: &[&str],
+        linux: cri::LinuxContainerConfig,
+    ) -> Result<String> {
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
                 name: name.into(),
@@ -181,7 +195,7 @@ impl Cri {
             command: args.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{name}.log"),
             labels: HashMap::from([("husk-test".to_string(), name.to_string())]),
-            linux: Some(cri::LinuxContainerConfig::default()),
+            linux: Some(linux),
             ..Default::default()
         };
         let r = call(
@@ -216,6 +230,55 @@ impl Cri {
                 .await,
         )?;
         Ok(r.status.expect("ContainerStatus answered without a status"))
+    }
+
+    /// Whether PodSandboxStatus says the pod is SANDBOX_READY.
+    pub async fn pod_ready(&mut self, pod_id: &str) -> Result<bool> {
+        let r = call(
+            "PodSandboxStatus",
+            self.rt
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod_id.into(),
+                    verbose: false,
+                })
+                .await,
+        )?;
+        let st = r
+            .status
+            .expect("PodSandboxStatus answered without a status");
+        Ok(st.state == cri::PodSandboxState::SandboxReady as i32)
+    }
+
+    /// ContainerStats of one container.
+    pub async fn container_stats(&mut self, id: &str) -> Result<cri::ContainerStats> {
+        let r = call(
+            "ContainerStats",
+            self.rt
+                .container_stats(cri::ContainerStatsRequest {
+                    container_id: id.into(),
+                })
+                .await,
+        )?;
+        Ok(r.stats.expect("ContainerStats answered without stats"))
+    }
+
+    /// UpdateContainerResources with Linux resources.
+    pub async fn update_resources(
+        &mut self,
+        id: &str,
+        linux: cri::LinuxContainerResources,
+    ) -> Result<()> {
+        call(
+            "UpdateContainerResources",
+            self.rt
+                .update_container_resources(cri::UpdateContainerResourcesRequest {
+                    container_id: id.into(),
+                    linux: Some(linux),
+                    ..Default::default()
+                })
+                .await,
+        )?;
+        Ok(())
     }
 
     /// Polls ContainerStatus until the container has exited; panics after `timeout`.

@@ -18,7 +18,8 @@ pub struct HostState {
     pub links: BTreeSet<String>,
     /// Pod cgroups left under the harness's cgroup parent (any hierarchy).
     pub cgroups: BTreeSet<String>,
-    /// Sockets of husk shims (`<husk run root>/s`) and pod share directories.
+    /// Sockets of husk shims (`<husk run root>/s`), pod share directories and sandbox state
+    /// files (`<husk run root>/sandbox`).
     pub husk_shim: BTreeSet<String>,
     /// The husk leak snapshot (husk-vmm and virtiofsd processes, husk's VM run dirs).
     pub husk: BTreeSet<String>,
@@ -104,7 +105,7 @@ impl HostState {
                         .collect::<Vec<_>>()
                 })
                 .collect(),
-            husk_shim: ["s", "share"]
+            husk_shim: ["s", "share", "sandbox", "shim"]
                 .iter()
                 .flat_map(|d| {
                     let dir = husk_shim::paths::run_root().join(d);

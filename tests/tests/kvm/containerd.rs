@@ -6,6 +6,11 @@ use std::time::Duration;
 use husk_tests::containerd::cri::wait_log_line;
 use husk_tests::containerd::{images, Containerd};
 
+/// OOM, a killed VMM or shim, stats/update/pause through CRI, cycles.
+mod failure;
+/// `ctr run -t`.
+mod tty;
+
 #[test]
 fn ctr_run_with_the_husk_runtime_prints_hi() {
     husk_tests::require_kvm();
@@ -166,9 +171,9 @@ fn cri_pod_with_the_kata_handler_logs_and_execs_in_one_vm() {
     vm_before.assert_nothing_leaked();
 }
 
-/// husk-vmm processes that are not a husk-vmm's child (the VMM forks a helper that
-/// removes its socket files when it ends).
-fn vmm_count() -> usize {
+/// Pids of husk-vmm processes that are not a husk-vmm's child (the VMM forks a helper
+/// that removes its socket files when it ends).
+pub(crate) fn vmm_pids() -> Vec<u32> {
     let comm = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let ppid = |pid: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -186,5 +191,10 @@ fn vmm_count() -> usize {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|pid| comm(pid).trim() == "husk-vmm" && comm(&ppid(pid)).trim() != "husk-vmm")
-        .count()
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+fn vmm_count() -> usize {
+    vmm_pids().len()
 }
