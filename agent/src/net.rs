@@ -61,6 +61,10 @@ fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
 /// A netlink connection bound to one network namespace.
 pub struct Net {
     handle: Handle,
+    /// One dump at a time: the kernel answers a dump request with EBUSY while another dump
+    /// runs on the same netlink socket (seen when an RPC's link list met the agent's own
+    /// `lo` set-up at boot).
+    dumps: tokio::sync::Mutex<()>,
 }
 
 impl Net {
@@ -91,10 +95,14 @@ impl Net {
             }
         };
         tokio::spawn(conn);
-        Ok(Net { handle })
+        Ok(Net {
+            handle,
+            dumps: tokio::sync::Mutex::new(()),
+        })
     }
 
     async fn links(&self) -> Result<Vec<LinkMessage>> {
+        let _dump = self.dumps.lock().await;
         self.handle
             .link()
             .get()
@@ -176,6 +184,7 @@ impl Net {
         }
 
         // Replace the addresses (keep IPv6 link-local ones: the kernel owns those).
+        let dump = self.dumps.lock().await;
         let existing: Vec<AddressMessage> = self
             .handle
             .address()
@@ -185,6 +194,7 @@ impl Net {
             .try_collect()
             .await
             .map_err(nl("list addresses"))?;
+        drop(dump);
         for m in existing {
             let keep = addr_of(&m).is_some_and(
                 |ip| matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80),
@@ -309,6 +319,7 @@ impl Net {
     /// All interfaces with their addresses.
     pub async fn list_interfaces(&self) -> Result<Vec<pb::Interface>> {
         let links = self.links().await?;
+        let dump = self.dumps.lock().await;
         let addrs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -317,6 +328,7 @@ impl Net {
             .try_collect()
             .await
             .map_err(nl("list addresses"))?;
+        drop(dump);
         Ok(links
             .iter()
             .map(|l| {
@@ -354,6 +366,7 @@ impl Net {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
         ] {
+            let _dump = self.dumps.lock().await;
             let v: Vec<RouteMessage> = self
                 .handle
                 .route()
