@@ -63,7 +63,10 @@ fn ctr_run_t_gets_a_tty_in_the_guest() {
     assert!(ok, "ctr run -t failed: {out}");
     assert!(out.contains("tty-done"), "{out}");
     assert!(
-        out.lines().any(|l| l.trim().starts_with("/dev/pts/")),
+        // The guest's terminal echoes a NUL that reaches its input at start, as "^@" (not
+        // yet explained; see the README's known limits): it must not hide the answer.
+        out.lines()
+            .any(|l| l.trim().trim_start_matches("^@").starts_with("/dev/pts/")),
         "the process has no terminal: {out}"
     );
     assert!(!out.contains("not a tty"), "{out}");
