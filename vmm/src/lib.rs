@@ -11,5 +11,6 @@ pub mod cleanup;
 pub mod controller;
 pub mod devices;
 pub mod jail;
+pub mod listener;
 pub mod seccomp;
 pub mod vstate;

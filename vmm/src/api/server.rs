@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,18 +38,13 @@ impl<H: ApiHandler> ApiServer<H> {
     pub fn bind(path: impl AsRef<Path>, handler: H) -> Result<ApiServer<H>, ApiError> {
         let path = path.as_ref().to_owned();
         clear_stale_socket(&path)?;
-        let listener = UnixListener::bind(&path).map_err(|source| ApiError::Bind {
-            path: path.clone(),
-            source,
-        })?;
         let bind_err = |source| ApiError::Bind {
             path: path.clone(),
             source,
         };
+        // Only the VMM's user (root, or the shim's user) may drive the VMM: mode 0600.
+        let listener = crate::listener::bind_published(&path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
-        // Only the VMM's user (root, or the shim's user) may drive the VMM.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(bind_err)?;
         info!("api: listening on {}", path.display());
         Ok(ApiServer {
             listener,

@@ -288,14 +288,8 @@ fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
             source,
         })?;
     }
-    // Whoever can connect can talk to any guest port: the VMM's owner only. The mode is set
-    // at creation (a chmod afterwards leaves a window, and fails on some filesystems); the
-    // umask is per process, and the VM is built before any thread that creates files.
-    // SAFETY: umask only swaps the process's file mode mask.
-    let old_mask = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old_mask) };
+    // Whoever can connect can talk to any guest port: the VMM's owner only (0600).
+    let bound = crate::listener::bind_published(path);
     let listener = bound.map_err(|source| VsockError::Bind {
         path: path.to_path_buf(),
         source,
