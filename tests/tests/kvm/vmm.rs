@@ -352,12 +352,16 @@ fn killing_the_vmm_leaves_no_socket_tap_or_child() {
     let alive = || -> Vec<u32> {
         kids.iter()
             .copied()
-            .filter(|k| {
-                std::fs::read_to_string(format!("/proc/{k}/stat")).is_ok_and(|st| {
-                    st.rsplit_once(") ")
-                        .is_some_and(|(_, r)| !r.starts_with('Z'))
-                })
-            })
+            .filter(
+                |k| match std::fs::read_to_string(format!("/proc/{k}/stat")) {
+                    Ok(st) => st
+                        .rsplit_once(") ")
+                        .is_some_and(|(_, r)| !r.starts_with('Z')),
+                    // Reaped: gone from /proc. Any other error means we cannot look: fail.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => panic!("cannot read /proc/{k}/stat: {e}"),
+                },
+            )
             .collect()
     };
     let tap_exists = || Path::new(&format!("/sys/class/net/{tap}")).exists();
