@@ -21,14 +21,13 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::activation::DeviceActivation;
 use super::{
-    read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, GuestMemory, VirtioDevice, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1,
 };
 use crate::devices::guest_warn::guest_warn;
 
@@ -309,13 +308,6 @@ fn status_addr(descs: &[Descriptor]) -> Option<GuestAddress> {
         .map(GuestAddress)
 }
 
-struct ActiveState {
-    mem: GuestMemory,
-    queue: Queue,
-    queue_evt: EventFd,
-    irq: IrqTrigger,
-}
-
 /// A virtio-blk device. The VM builder creates it with [`Block::new`], attaches it to an
 /// MMIO transport and adds it to the event manager as a subscriber.
 pub struct Block {
@@ -323,8 +315,7 @@ pub struct Block {
     avail_features: u64,
     acked_features: u64,
     config: [u8; 16],
-    activate_evt: EventFd,
-    active: Option<ActiveState>,
+    activation: DeviceActivation,
 }
 
 impl Block {
@@ -370,8 +361,8 @@ impl Block {
             avail_features,
             acked_features: 0,
             config,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            active: None,
+            activation: DeviceActivation::new("virtio-blk", EV_ACTIVATE, &[EV_QUEUE])
+                .map_err(BlockError::EventFd)?,
         })
     }
 
@@ -389,14 +380,15 @@ impl Block {
     }
 
     fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active.as_mut() else {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+        let queue = &mut active.queues[0];
+        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
             let len = self.disk.handle_chain(&active.mem, chain);
-            if let Err(e) = active.queue.add_used(&active.mem, head, len) {
+            if let Err(e) = queue.add_used(&active.mem, head, len) {
                 guest_warn!("virtio-blk: cannot return descriptor {head}: {e}");
             }
             used_any = true;
@@ -405,23 +397,6 @@ impl Block {
             if let Err(e) = active.irq.signal_used() {
                 error!("virtio-blk: cannot raise interrupt: {e}");
             }
-        }
-    }
-
-    fn on_activate(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        if let Err(e) = ops.remove(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-blk: cannot unregister activate eventfd: {e}");
-        }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        if let Err(e) = ops.add(Events::with_data(&active.queue_evt, EV_QUEUE, EventSet::IN)) {
-            error!("virtio-blk: cannot register queue eventfd: {e}");
         }
     }
 }
@@ -456,57 +431,36 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::Backend("already activated".into()));
-        }
-        let Activation {
-            mem,
-            mut queues,
-            mut queue_evts,
-            irq,
-        } = activation;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len().max(queue_evts.len()),
-            });
-        }
-        self.active = Some(ActiveState {
-            mem,
-            queue: queues.remove(0),
-            queue_evt: queue_evts.remove(0),
-            irq,
-        });
-        if let Err(e) = self.activate_evt.write(1) {
-            self.active = None;
-            return Err(ActivateError::Signal(e));
-        }
-        Ok(())
+        self.activation.activate(activation)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.activation.reset();
+        self.acked_features = 0;
+        self.disk.writeback = false;
+        true
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-blk: cannot register activate eventfd: {e}");
-        }
+        self.activation.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            EV_ACTIVATE => self.on_activate(ops),
-            EV_QUEUE => {
-                if let Some(active) = self.active.as_ref() {
-                    let _ = active.queue_evt.read();
+            EV_ACTIVATE => {
+                if self.activation.on_event(ops) {
+                    // Requests the driver queued before the loop registered the queue.
+                    self.process_queue();
                 }
+            }
+            EV_QUEUE => {
+                self.activation.clear_queue_event(EV_QUEUE);
                 self.process_queue();
             }
             other => guest_warn!("virtio-blk: unexpected event {other}"),
@@ -628,9 +582,11 @@ mod tests {
     use super::test_queue::{r, w, TestDesc, TestQueue};
     use super::*;
     use crate::devices::virtio::test_utils::guest_memory;
+    use crate::devices::virtio::IrqTrigger;
     use event_manager::{EventManager, SubscriberOps};
     use proptest::prelude::*;
     use std::io::{Read, Write};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     use vmm_sys_util::tempfile::TempFile;
 
     const MEM_SIZE: usize = 0x10_0000;
@@ -963,6 +919,36 @@ mod tests {
         assert!(em.run_with_timeout(1000).unwrap() >= 1);
         assert_eq!(queue.used_idx(&mem), 1);
         assert_eq!(irq.evt.read().unwrap(), 1);
+
+        // Reset: the old queue is dead, and a second activation serves the new one.
+        let blk = em.subscriber_mut(id).unwrap();
+        assert!(blk.reset());
+        assert!(!blk.is_activated());
+        em.run_with_timeout(100).unwrap();
+        queue.add(&mem, &[r(HDR, 16), w(STATUS, 1)]);
+        kick.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(
+            queue.used_idx(&mem),
+            1,
+            "a reset device served its old queue"
+        );
+        let mut second = TestQueue::new(&mem, 0x4000, 16);
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = evt.try_clone().unwrap();
+        let blk = em.subscriber_mut(id).unwrap();
+        blk.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![second.take_queue()],
+            queue_evts: vec![evt],
+            irq: irq.clone(),
+        })
+        .unwrap();
+        em.run_with_timeout(100).unwrap();
+        second.add(&mem, &[r(HDR, 16), w(STATUS, 1)]);
+        kick.write(1).unwrap();
+        assert!(em.run_with_timeout(1000).unwrap() >= 1);
+        assert_eq!(second.used_idx(&mem), 1);
     }
 
     #[test]

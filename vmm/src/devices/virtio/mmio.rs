@@ -1040,10 +1040,15 @@ mod tests {
         w32(&mut t, reg::STATUS, ALL_OK);
         assert_eq!(r32(&mut t, reg::STATUS), ALL_OK);
         assert!(rng.lock().unwrap().is_activated());
-        // virtio-rng cannot be reset: the transport says so and keeps the queues locked.
+        // A reset stops it, and the driver can bring it up again.
         w32(&mut t, reg::STATUS, 0);
-        assert_eq!(r32(&mut t, reg::STATUS), ALL_OK | DEVICE_NEEDS_RESET);
-        assert_eq!(t.irq().status.load(Ordering::SeqCst), INT_CONFIG);
+        assert_eq!(r32(&mut t, reg::STATUS), 0);
+        assert!(!rng.lock().unwrap().is_activated());
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 256);
+        w32(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(r32(&mut t, reg::STATUS), ALL_OK);
+        assert!(rng.lock().unwrap().is_activated());
     }
 
     /// Sets up the queues of a fresh two-queue transport, lets `spoil` break them, then

@@ -7,6 +7,7 @@
 //! that it registers in `init` and signals from `activate`; the event loop then registers
 //! the queue and back-end fds (the Firecracker pattern).
 
+pub mod activation;
 pub mod block;
 pub mod fs;
 pub mod mmio;

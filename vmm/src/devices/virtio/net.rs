@@ -23,13 +23,12 @@ use tracing::{debug, error};
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::activation::DeviceActivation;
 use super::{
-    read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice, TYPE_NET,
-    VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::devices::guest_warn::guest_warn;
 
@@ -127,14 +126,9 @@ impl Tap {
     }
 }
 
-struct ActiveState {
-    mem: GuestMemory,
-    rx: Queue,
-    tx: Queue,
-    rx_evt: EventFd,
-    tx_evt: EventFd,
-    irq: IrqTrigger,
-}
+/// Queue indices (virtio spec 5.1.2).
+const RXQ: usize = 0;
+const TXQ: usize = 1;
 
 /// A virtio-net device. The VM builder creates it with [`Net::new_with_tap_name`] or
 /// [`Net::new_with_tap_fd`], attaches it to an MMIO transport and adds it to the event
@@ -145,8 +139,9 @@ pub struct Net {
     avail_features: u64,
     acked_features: u64,
     config: [u8; 8],
-    activate_evt: EventFd,
-    active: Option<ActiveState>,
+    activation: DeviceActivation,
+    /// The tap is in the event loop (from the first activation on; a reset keeps it there).
+    tap_registered: bool,
     /// Scratch space for one frame; RX and TX run on the same thread, never at once.
     frame: Vec<u8>,
 }
@@ -179,8 +174,13 @@ impl Net {
             avail_features,
             acked_features: 0,
             config,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
-            active: None,
+            activation: DeviceActivation::new(
+                "virtio-net",
+                EV_ACTIVATE,
+                &[EV_RX_QUEUE, EV_TX_QUEUE],
+            )
+            .map_err(NetError::EventFd)?,
+            tap_registered: false,
             frame: vec![0; MAX_FRAME_LEN],
         })
     }
@@ -196,18 +196,18 @@ impl Net {
 
     /// Moves frames from the tap into RX buffers until one of the two runs out.
     fn process_rx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.activation.active.as_mut() else {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) {
+        while let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
             let mut writer = match chain.writer(&a.mem) {
                 Ok(w) if w.available_bytes() >= VNET_HDR_LEN => w,
                 // No frame will ever fit: give the buffer back rather than hold up RX.
                 Ok(_) | Err(_) => {
                     guest_warn!("virtio-net: unusable RX buffer {head} returned empty");
-                    if let Err(e) = a.rx.add_used(&a.mem, head, 0) {
+                    if let Err(e) = a.queues[RXQ].add_used(&a.mem, head, 0) {
                         guest_warn!("virtio-net: cannot return RX descriptor {head}: {e}");
                     }
                     used_any = true;
@@ -218,7 +218,7 @@ impl Net {
                 Ok(len) => len,
                 Err(e) => {
                     // The buffer stays available for the next frame.
-                    a.rx.go_to_previous_position();
+                    a.queues[RXQ].go_to_previous_position();
                     if e.kind() != io::ErrorKind::WouldBlock {
                         guest_warn!("virtio-net: tap read failed: {e}");
                     }
@@ -230,7 +230,7 @@ impl Net {
                     "virtio-net: dropped a {len}-byte RX frame: buffer {head} holds {}",
                     writer.available_bytes()
                 );
-                a.rx.go_to_previous_position();
+                a.queues[RXQ].go_to_previous_position();
                 continue;
             }
             // Without MRG_RXBUF a frame always takes one buffer; older kernels leave these
@@ -243,7 +243,7 @@ impl Net {
                     0
                 }
             };
-            if let Err(e) = a.rx.add_used(&a.mem, head, used_len) {
+            if let Err(e) = a.queues[RXQ].add_used(&a.mem, head, used_len) {
                 guest_warn!("virtio-net: cannot return RX descriptor {head}: {e}");
             }
             used_any = true;
@@ -257,11 +257,11 @@ impl Net {
 
     /// Sends every frame the guest has queued for transmission to the tap.
     fn process_tx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.activation.active.as_mut() else {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
+        while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
             match chain.reader(&a.mem) {
                 Err(e) => guest_warn!("virtio-net: bad TX chain {head}: {e}"),
@@ -286,7 +286,7 @@ impl Net {
                     }
                 }
             }
-            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
+            if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
                 guest_warn!("virtio-net: cannot return TX descriptor {head}: {e}");
             }
             used_any = true;
@@ -298,32 +298,23 @@ impl Net {
         }
     }
 
-    fn on_activate(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        if let Err(e) = ops.remove(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-net: cannot unregister activate eventfd: {e}");
-        }
-        let Some(a) = self.active.as_ref() else {
-            return;
-        };
-        let events = [
-            Events::with_data(&a.rx_evt, EV_RX_QUEUE, EventSet::IN),
-            Events::with_data(&a.tx_evt, EV_TX_QUEUE, EventSet::IN),
-            Events::with_data(
+    /// The device went live: the tap joins the loop (once), and whatever the guest queued
+    /// and the tap holds moves now (the tap is edge-triggered: frames that came while the
+    /// device was down raise no new edge).
+    fn on_live(&mut self, ops: &mut EventOps) {
+        if !self.tap_registered {
+            let ev = Events::with_data(
                 &self.tap.file,
                 EV_TAP,
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
-            ),
-        ];
-        for ev in events {
-            if let Err(e) = ops.add(ev) {
-                error!("virtio-net: cannot register fd {}: {e}", ev.fd());
+            );
+            match ops.add(ev) {
+                Ok(()) => self.tap_registered = true,
+                Err(e) => error!("virtio-net: cannot register the tap: {e}"),
             }
         }
+        self.process_tx();
+        self.process_rx();
     }
 }
 
@@ -357,67 +348,38 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::Backend("already activated".into()));
-        }
-        let Activation {
-            mem,
-            queues,
-            queue_evts,
-            irq,
-        } = activation;
-        if queues.len() != 2 || queue_evts.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len().max(queue_evts.len()),
-            });
-        }
-        let [rx, tx]: [Queue; 2] = queues.try_into().expect("length checked");
-        let [rx_evt, tx_evt]: [EventFd; 2] = queue_evts.try_into().expect("length checked");
-        self.active = Some(ActiveState {
-            mem,
-            rx,
-            tx,
-            rx_evt,
-            tx_evt,
-            irq,
-        });
-        if let Err(e) = self.activate_evt.write(1) {
-            self.active = None;
-            return Err(ActivateError::Signal(e));
-        }
-        Ok(())
+        self.activation.activate(activation)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.activation.reset();
+        self.acked_features = 0;
+        true
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-net: cannot register activate eventfd: {e}");
-        }
+        self.activation.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            EV_ACTIVATE => self.on_activate(ops),
-            EV_RX_QUEUE => {
-                if let Some(a) = self.active.as_ref() {
-                    let _ = a.rx_evt.read();
+            EV_ACTIVATE => {
+                if self.activation.on_event(ops) {
+                    self.on_live(ops);
                 }
+            }
+            EV_RX_QUEUE => {
+                self.activation.clear_queue_event(EV_RX_QUEUE);
                 self.process_rx();
             }
             EV_TX_QUEUE => {
-                if let Some(a) = self.active.as_ref() {
-                    let _ = a.tx_evt.read();
-                }
+                self.activation.clear_queue_event(EV_TX_QUEUE);
                 self.process_tx();
             }
             EV_TAP => {
@@ -446,6 +408,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::block::test_queue::{r, w, TestQueue};
     use crate::devices::virtio::test_utils::guest_memory;
+    use crate::devices::virtio::{GuestMemory, IrqTrigger};
     use event_manager::{EventManager, SubscriberOps};
     use std::os::fd::FromRawFd;
     use std::path::Path;
@@ -453,6 +416,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const MEM_SIZE: usize = 0x10_0000;
     const RXQ: u64 = 0;
@@ -784,6 +748,46 @@ mod tests {
         }
         let got = received(&s);
         assert_eq!(got.len(), 1, "frame lost");
+        assert_eq!(got[0].1, f);
+    }
+
+    #[test]
+    fn after_a_reset_a_second_activation_gets_the_frames_that_waited() {
+        let (net, mut s) = setup();
+        let mut em = EventManager::<Net>::new().unwrap();
+        let id = em.add_subscriber(net);
+        em.run_with_timeout(100).unwrap();
+        let net = em.subscriber_mut(id).unwrap();
+        assert!(net.reset());
+        assert!(!net.is_activated());
+        em.run_with_timeout(100).unwrap();
+        // The frame arrives while the device is down: the tap keeps it, and its one edge
+        // reaches a device with no queues.
+        let f = frame(9, 64);
+        s.sock.send(&f);
+        em.run_with_timeout(200).unwrap();
+        s.rxq = TestQueue::new(&s.mem, 0x8000, 16);
+        s.txq = TestQueue::new(&s.mem, 0xc000, 16);
+        s.rx_posted = 0;
+        post_rx(&mut s, 2048);
+        let net = em.subscriber_mut(id).unwrap();
+        net.activate(Activation {
+            mem: s.mem.clone(),
+            queues: vec![s.rxq.take_queue(), s.txq.take_queue()],
+            queue_evts: vec![
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            ],
+            irq: s.irq.clone(),
+        })
+        .unwrap();
+        // No kick and no new tap edge: going live alone must move the waiting frame.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while received(&s).is_empty() && Instant::now() < deadline {
+            em.run_with_timeout(50).unwrap();
+        }
+        let got = received(&s);
+        assert_eq!(got.len(), 1, "the frame that waited was lost");
         assert_eq!(got[0].1, f);
     }
 

@@ -9,14 +9,11 @@ use std::io;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, error};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{
-    ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
-};
+use super::activation::DeviceActivation;
+use super::{ActivateError, Activation, GuestMemory, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 use crate::devices::guest_warn::guest_warn;
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -35,20 +32,12 @@ pub enum RngError {
     EventFd(io::Error),
 }
 
-struct ActiveState {
-    mem: GuestMemory,
-    queue: Queue,
-    queue_evt: EventFd,
-    irq: IrqTrigger,
-}
-
 /// A virtio-rng device. The VM builder creates it with [`Rng::new`], attaches it to an
 /// MMIO transport and adds it to the event manager as a subscriber.
 pub struct Rng {
     source: File,
     acked_features: u64,
-    activate_evt: EventFd,
-    active: Option<ActiveState>,
+    activation: DeviceActivation,
 }
 
 /// Fills the chain's writable buffers from `source`, up to [`MAX_REQUEST_BYTES`]; returns
@@ -83,20 +72,21 @@ impl Rng {
         Ok(Rng {
             source: File::open(ENTROPY_SOURCE).map_err(RngError::Open)?,
             acked_features: 0,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd)?,
-            active: None,
+            activation: DeviceActivation::new("virtio-rng", EV_ACTIVATE, &[EV_QUEUE])
+                .map_err(RngError::EventFd)?,
         })
     }
 
     fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.activation.active.as_mut() else {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+        let queue = &mut active.queues[0];
+        while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
             let len = fill_chain(&mut self.source, &active.mem, chain);
-            if let Err(e) = active.queue.add_used(&active.mem, head, len) {
+            if let Err(e) = queue.add_used(&active.mem, head, len) {
                 guest_warn!("virtio-rng: cannot return descriptor {head}: {e}");
             }
             used_any = true;
@@ -105,23 +95,6 @@ impl Rng {
             if let Err(e) = active.irq.signal_used() {
                 error!("virtio-rng: cannot raise interrupt: {e}");
             }
-        }
-    }
-
-    fn on_activate(&mut self, ops: &mut EventOps) {
-        let _ = self.activate_evt.read();
-        if let Err(e) = ops.remove(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-rng: cannot unregister activate eventfd: {e}");
-        }
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        if let Err(e) = ops.add(Events::with_data(&active.queue_evt, EV_QUEUE, EventSet::IN)) {
-            error!("virtio-rng: cannot register queue eventfd: {e}");
         }
     }
 }
@@ -156,57 +129,35 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::Backend("already activated".into()));
-        }
-        let Activation {
-            mem,
-            mut queues,
-            mut queue_evts,
-            irq,
-        } = activation;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len().max(queue_evts.len()),
-            });
-        }
-        self.active = Some(ActiveState {
-            mem,
-            queue: queues.remove(0),
-            queue_evt: queue_evts.remove(0),
-            irq,
-        });
-        if let Err(e) = self.activate_evt.write(1) {
-            self.active = None;
-            return Err(ActivateError::Signal(e));
-        }
-        Ok(())
+        self.activation.activate(activation)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.activation.reset();
+        self.acked_features = 0;
+        true
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("virtio-rng: cannot register activate eventfd: {e}");
-        }
+        self.activation.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            EV_ACTIVATE => self.on_activate(ops),
-            EV_QUEUE => {
-                if let Some(active) = self.active.as_ref() {
-                    let _ = active.queue_evt.read();
+            EV_ACTIVATE => {
+                if self.activation.on_event(ops) {
+                    // Requests the driver queued before the loop registered the queue.
+                    self.process_queue();
                 }
+            }
+            EV_QUEUE => {
+                self.activation.clear_queue_event(EV_QUEUE);
                 self.process_queue();
             }
             other => guest_warn!("virtio-rng: unexpected event {other}"),
@@ -219,8 +170,10 @@ mod tests {
     use super::*;
     use crate::devices::virtio::block::test_queue::{r, w, TestQueue};
     use crate::devices::virtio::test_utils::guest_memory;
+    use crate::devices::virtio::IrqTrigger;
     use event_manager::{EventManager, SubscriberOps};
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const MEM_SIZE: usize = 0x40_0000;
     const BUF: u64 = 0x1_0000;
@@ -349,5 +302,36 @@ mod tests {
         assert!(em.run_with_timeout(1000).unwrap() >= 1);
         assert_eq!(queue.used(&mem, 0).1, 32);
         assert_eq!(irq.evt.read().unwrap(), 1);
+
+        // Reset: the old queue is dead, and a second activation serves the new one.
+        let rng = em.subscriber_mut(id).unwrap();
+        assert!(rng.reset());
+        assert!(!rng.is_activated());
+        em.run_with_timeout(100).unwrap();
+        queue.add(&mem, &[w(BUF, 32)]);
+        kick.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(
+            queue.used_idx(&mem),
+            1,
+            "a reset device served its old queue"
+        );
+        let mut second = TestQueue::new(&mem, 0x4000, 16);
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = evt.try_clone().unwrap();
+        em.subscriber_mut(id)
+            .unwrap()
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![second.take_queue()],
+                queue_evts: vec![evt],
+                irq: irq.clone(),
+            })
+            .unwrap();
+        em.run_with_timeout(100).unwrap();
+        second.add(&mem, &[w(BUF, 32)]);
+        kick.write(1).unwrap();
+        assert!(em.run_with_timeout(1000).unwrap() >= 1);
+        assert_eq!(second.used(&mem, 0).1, 32);
     }
 }

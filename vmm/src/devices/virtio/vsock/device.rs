@@ -1,14 +1,12 @@
 //! The virtio-vsock device: feature and config space, queues, and event-loop wiring.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::error;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::host_sock::connect_nonblocking;
 use super::muxer::VsockMuxer;
@@ -17,9 +15,9 @@ use super::packet::{
 };
 use super::{VsockError, HOST_CID};
 use crate::devices::guest_warn::guest_warn;
+use crate::devices::virtio::activation::{Active, DeviceActivation};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, VirtioDevice,
-    TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 /// rx, tx, event.
@@ -36,25 +34,12 @@ const EV_EVQ: u32 = 3;
 const EV_BACKEND: u32 = 4;
 const QUEUE_EV_DATA: [u32; 3] = [EV_RXQ, EV_TXQ, EV_EVQ];
 
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
-    irq: IrqTrigger,
-}
-
 /// A hybrid virtio-vsock device: guest streams end on host Unix sockets (see the module
 /// docs for the protocol).
 pub struct Vsock {
     guest_cid: u64,
     acked_features: u64,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    /// The current activation's queue eventfds are in the event manager.
-    queue_evts_registered: bool,
-    /// Queue eventfds of a previous activation, to take out of the event manager on the
-    /// event-loop thread (reset runs on a vCPU thread, without `EventOps`).
-    retired_evts: Vec<EventFd>,
+    activation: DeviceActivation,
     /// The TX queue was left unread because the guest owes us RX buffers.
     tx_stalled: bool,
     muxer: VsockMuxer,
@@ -78,10 +63,8 @@ impl Vsock {
         Ok(Vsock {
             guest_cid,
             acked_features: 0,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventSetup)?,
-            active: None,
-            queue_evts_registered: false,
-            retired_evts: Vec::new(),
+            activation: DeviceActivation::new("vsock", EV_ACTIVATE, &QUEUE_EV_DATA)
+                .map_err(VsockError::EventSetup)?,
             tx_stalled: false,
             muxer,
         })
@@ -95,34 +78,9 @@ impl Vsock {
         self.muxer.uds_path()
     }
 
-    /// Takes the current activation's queue eventfds into the event manager, after dropping
-    /// those of a previous one.
-    fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for evt in self.retired_evts.drain(..) {
-            if let Err(e) = ops.remove(Events::empty(&evt)) {
-                guest_warn!("vsock: cannot unregister queue event: {e}");
-            }
-        }
-        let Some(active) = &self.active else {
-            return;
-        };
-        if self.queue_evts_registered {
-            return;
-        }
-        for (evt, data) in active.queue_evts.iter().zip(QUEUE_EV_DATA) {
-            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
-                error!("vsock: cannot register queue event: {e}");
-            }
-        }
-        self.queue_evts_registered = true;
-        self.muxer.start();
-        // The guest may have queued packets before we were listening.
-        self.run_queues();
-    }
-
     /// Drains the TX queue into the muxer; returns whether buffers were used.
     pub(crate) fn process_tx(&mut self) -> bool {
-        let Some(active) = &mut self.active else {
+        let Some(active) = &mut self.activation.active else {
             return false;
         };
         let Active { mem, queues, .. } = active;
@@ -170,7 +128,7 @@ impl Vsock {
     /// Fills RX buffers with whatever the muxer has for the guest; returns whether buffers
     /// were used.
     pub(crate) fn process_rx(&mut self) -> bool {
-        let Some(active) = &mut self.active else {
+        let Some(active) = &mut self.activation.active else {
             return false;
         };
         let Active { mem, queues, .. } = active;
@@ -234,7 +192,7 @@ impl Vsock {
         // Packets both ways may have started or ended timeouts (requests, shutdowns).
         self.muxer.sweep_deadlines();
         if used {
-            if let Some(active) = &self.active {
+            if let Some(active) = &self.activation.active {
                 if let Err(e) = active.irq.signal_used() {
                     error!("vsock: cannot signal used buffers: {e}");
                 }
@@ -255,11 +213,8 @@ impl Vsock {
 
     /// What `process` does on a queue notification (also used by tests).
     pub(crate) fn process_queue_event(&mut self, queue: usize) {
-        if let Some(active) = &self.active {
-            if let Some(evt) = active.queue_evts.get(queue) {
-                // Level-triggered: clear it. Nothing to read is fine (tests, spurious wakes).
-                let _ = evt.read();
-            }
+        if let Some(&data) = QUEUE_EV_DATA.get(queue) {
+            self.activation.clear_queue_event(data);
         }
         match queue {
             // RX buffers or TX packets: either may unblock both directions.
@@ -334,64 +289,26 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let n = VSOCK_QUEUE_SIZES.len();
-        if activation.queues.len() != n || activation.queue_evts.len() != n {
-            return Err(ActivateError::QueueCount {
-                expected: n,
-                got: activation.queues.len().min(activation.queue_evts.len()),
-            });
-        }
-        // A transport that re-activates without a reset: the old eventfds must still leave
-        // the event manager.
-        if let Some(old) = self.active.take() {
-            if self.queue_evts_registered {
-                self.retired_evts.extend(old.queue_evts);
-            }
-        }
-        self.active = Some(Active {
-            mem: activation.mem,
-            queues: activation.queues,
-            queue_evts: activation.queue_evts,
-            irq: activation.irq,
-        });
-        self.queue_evts_registered = false;
         // The event loop registers the queue eventfds and starts the muxer.
-        self.activate_evt.write(1).map_err(ActivateError::Signal)
+        self.activation.activate(activation)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(active) = self.active.take() {
-            if self.queue_evts_registered {
-                self.retired_evts.extend(active.queue_evts);
-            }
-        }
-        self.queue_evts_registered = false;
+        self.activation.reset();
         self.acked_features = 0;
         self.tx_stalled = false;
         self.muxer.reset();
-        if !self.retired_evts.is_empty() {
-            if let Err(e) = self.activate_evt.write(1) {
-                // The stale registrations then go at the next activation.
-                guest_warn!("vsock: cannot signal reset to the event loop: {e}");
-            }
-        }
         true
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.activation.is_active()
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            EV_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("vsock: cannot register activate event: {e}");
-        }
+        self.activation.init(ops);
         if let Err(e) = ops.add(Events::with_data_raw(
             self.muxer.epoll_fd(),
             EV_BACKEND,
@@ -399,30 +316,19 @@ impl MutEventSubscriber for Vsock {
         )) {
             error!("vsock: cannot register backend: {e}");
         }
-        // Activated before being added to the event loop.
-        if self.active.is_some() {
-            self.sync_registrations(ops);
-        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        // A queue eventfd of a previous activation that fired before the event loop got to
-        // unregister it: unregister it now rather than poll it again.
-        if let Some(pos) = self
-            .retired_evts
-            .iter()
-            .position(|e| e.as_raw_fd() == events.fd())
-        {
-            let evt = self.retired_evts.swap_remove(pos);
-            if let Err(e) = ops.remove(Events::empty(&evt)) {
-                guest_warn!("vsock: cannot unregister queue event: {e}");
-            }
+        if self.activation.drop_if_retired(&events, ops) {
             return;
         }
         match events.data() {
             EV_ACTIVATE => {
-                let _ = self.activate_evt.read();
-                self.sync_registrations(ops);
+                if self.activation.on_event(ops) {
+                    self.muxer.start();
+                    // The guest may have queued packets before we were listening.
+                    self.run_queues();
+                }
             }
             EV_RXQ => self.process_queue_event(RXQ),
             EV_TXQ => self.process_queue_event(TXQ),
@@ -438,7 +344,7 @@ impl std::fmt::Debug for Vsock {
         f.debug_struct("Vsock")
             .field("guest_cid", &self.guest_cid)
             .field("uds_path", &self.uds_path())
-            .field("activated", &self.active.is_some())
+            .field("activated", &self.activation.is_active())
             .finish()
     }
 }
