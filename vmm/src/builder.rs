@@ -108,6 +108,9 @@ pub struct BuiltVm {
     pub boot_time: BootTime,
     /// Device event handlers, for the caller's event loop.
     pub subscribers: Vec<Subscriber>,
+    /// Devices whose back end can block (disks), each for an I/O thread of its own
+    /// (`devices::io_thread`), with the thread's name.
+    pub io_devices: Vec<(String, Subscriber)>,
     pub cmdline: String,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
@@ -221,6 +224,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
         vm: &vm,
         mem: &mem,
         subscribers: Vec::new(),
+        io_devices: Vec::new(),
         mmio: Bus::new(),
         cmdline: String::new(),
         next: 0,
@@ -235,7 +239,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
         if let Some(id) = &b.id {
             d = d.with_serial(id);
         }
-        devices.add(Arc::new(Mutex::new(d)))?;
+        devices.add_with_io_thread(Arc::new(Mutex::new(d)), "husk-blk")?;
     }
     let mut tap_fds: Vec<Option<OwnedFd>> = cfg.tap_fds.drain(..).map(Some).collect();
     for n in cfg.nets.drain(..) {
@@ -270,6 +274,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     }
     let mmio = devices.mmio;
     let subscribers = devices.subscribers;
+    let io_devices = devices.io_devices;
     let mut cmdline = format!("{DEFAULT_CMDLINE}{}", devices.cmdline);
     if !cfg.extra_cmdline.is_empty() {
         cmdline.push(' ');
@@ -293,6 +298,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
         panicked,
         boot_time,
         subscribers,
+        io_devices,
         cmdline,
         vcpus,
         pio: Arc::new(pio),
@@ -306,6 +312,7 @@ struct Devices<'a> {
     vm: &'a Vm,
     mem: &'a GuestMemory,
     subscribers: Vec<Subscriber>,
+    io_devices: Vec<(String, Subscriber)>,
     mmio: Bus,
     cmdline: String,
     next: u32,
@@ -313,6 +320,25 @@ struct Devices<'a> {
 
 impl Devices<'_> {
     fn add<D: VirtioDevice + 'static>(&mut self, dev: Arc<Mutex<D>>) -> Result<(), BuildError> {
+        self.place(dev.clone())?;
+        self.subscribers.push(dev);
+        Ok(())
+    }
+
+    /// Places `dev` for an I/O thread of its own, named `prefix` and the device's index.
+    fn add_with_io_thread<D: VirtioDevice + 'static>(
+        &mut self,
+        dev: Arc<Mutex<D>>,
+        prefix: &str,
+    ) -> Result<(), BuildError> {
+        let n = self.io_devices.len();
+        self.place(dev.clone())?;
+        self.io_devices.push((format!("{prefix}{n}"), dev));
+        Ok(())
+    }
+
+    /// An MMIO window, queue notifications and an IRQ for `dev`.
+    fn place<D: VirtioDevice + 'static>(&mut self, dev: Arc<Mutex<D>>) -> Result<(), BuildError> {
         let irq = FIRST_DEVICE_IRQ + self.next;
         if irq > LAST_IRQ {
             return Err(BuildError::TooManyDevices);
@@ -339,7 +365,6 @@ impl Devices<'_> {
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)
             .map_err(|e| dev_err("MMIO bus", e))?;
-        self.subscribers.push(dev);
         self.cmdline.push(' ');
         self.cmdline
             .push_str(&cmdline_entry(MMIO_DEVICE_SIZE, base, irq));

@@ -142,6 +142,12 @@ impl Controller {
             first_run.entering();
             Ok(())
         });
+        // Before the main thread's filter, which a thread spawned later would inherit.
+        for (name, dev) in vm.io_devices.drain(..) {
+            // Detached: it serves its device until the process ends.
+            crate::devices::io_thread::spawn(&name, dev, want_seccomp)
+                .map_err(|e| e.to_string())?;
+        }
         let vcpus = vm.start(on_start).map_err(|e| e.to_string())?;
         if want_seccomp {
             seccomp::install(ThreadKind::Vmm)

@@ -7,7 +7,9 @@
 //! port 1024, then a connect to host port 5000), `block` (pattern on /dev/vda, read back
 //! with O_DIRECT; /dev/vdb must refuse writes; both disks' serials reported), `net` (address from `husk_net=GUEST/PREFIX,HOST`,
 //! then ICMP echo to HOST), `fs` (mount virtio-fs tag `husk_fs`, read hello.txt, write
-//! from-guest.txt), `panic` (PID 1 exits, so the kernel panics).
+//! from-guest.txt), `panic` (PID 1 exits, so the kernel panics), `slowdisk` (a thread reads
+//! /dev/vda with O_DIRECT, 4 MiB apart, for ever, from when vsock port 1024 accepts, and
+//! that port echoes).
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -35,6 +37,7 @@ fn main() {
         "block" => block(),
         "net" => net(),
         "fs" => fs(),
+        "slowdisk" => slow_disk(),
         "panic" => {
             // PID 1 exiting makes the kernel panic ("Attempted to kill init!").
             println!("husk-testinit: panic: exiting PID 1");
@@ -112,7 +115,9 @@ fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     a
 }
 
-fn vsock() -> R {
+/// Accepts one stream on vsock port 1024, calls `accepted`, and echoes the stream to its
+/// end; returns the bytes echoed.
+fn echo_on_1024(accepted: impl FnOnce()) -> Result<usize, String> {
     use std::os::fd::AsRawFd;
     let l = vsock_socket()?;
     let addr = vsock_addr(libc::VMADDR_CID_ANY, 1024);
@@ -140,6 +145,7 @@ fn vsock() -> R {
     }
     // SAFETY: c is a fresh descriptor nobody else owns.
     let mut conn = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(c) });
+    accepted();
     let mut buf = vec![0u8; 64 << 10];
     let mut echoed = 0usize;
     loop {
@@ -153,10 +159,46 @@ fn vsock() -> R {
             .map_err(|e| format!("vsock write: {e}"))?;
         echoed += n;
     }
-    drop(conn);
+    Ok(echoed)
+}
 
+/// Reads 4 KiB from /dev/vda every 4 MiB, with O_DIRECT (past the guest's page cache, and
+/// far enough apart that host read-ahead does not serve the next one), until the VM ends.
+fn read_disk_for_ever() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open("/dev/vda")
+    {
+        Ok(f) => f,
+        Err(e) => return println!("husk-testinit: slowdisk: open /dev/vda: {e}"),
+    };
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0).max(1 << 30);
+    let mut buf = Aligned::new(4096);
+    let mut off = 0u64;
+    println!("husk-testinit: slowdisk: reading");
+    loop {
+        let _ = f.read_exact_at(buf.as_mut(), off);
+        off = (off + (4 << 20)) % size;
+    }
+}
+
+/// The disk reader starts once the host is connected: the host slows the disk down first
+/// (reads before that would fill its page cache and never reach the disk again).
+fn slow_disk() -> R {
+    let echoed = echo_on_1024(|| {
+        std::thread::spawn(read_disk_for_ever);
+    })?;
+    Ok(format!("echoed {echoed} bytes"))
+}
+
+fn vsock() -> R {
+    use std::os::fd::AsRawFd;
+    let echoed = echo_on_1024(|| {})?;
     let s = vsock_socket()?;
     let addr = vsock_addr(libc::VMADDR_CID_HOST, 5000);
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as u32;
     // SAFETY: addr is a valid sockaddr_vm of `len` bytes.
     if unsafe {
         libc::connect(

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use husk_tests::vmm_proc::{self, Output, VmmExitStatus};
 
+mod slow_disk;
+
 const T: Duration = Duration::from_secs(120);
 
 fn tmpdir(name: &str) -> PathBuf {
