@@ -111,6 +111,8 @@ pub struct BuiltVm {
     /// Devices whose back end can block (disks), each for an I/O thread of its own
     /// (`devices::io_thread`), with the thread's name.
     pub io_devices: Vec<(String, Subscriber)>,
+    /// Devices' helper threads (virtio-fs watchdogs), to put under their seccomp filter.
+    pub helper_threads: Vec<fs::watchdog::Confiner>,
     pub cmdline: String,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
@@ -230,6 +232,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
         next: 0,
     };
     let mut cleanup_paths = Vec::new();
+    let mut helper_threads = Vec::new();
     devices.add(Arc::new(Mutex::new(
         rng::Rng::new().map_err(|e| dev_err("virtio-rng", e))?,
     )))?;
@@ -264,6 +267,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     for f in &cfg.fs {
         let d = fs::Fs::new(&f.socket_path, &f.tag, 1, fs::DEFAULT_QUEUE_SIZE)
             .map_err(|e| dev_err(format!("virtio-fs {}", f.socket_path.display()), e))?;
+        helper_threads.push(d.watchdog_confiner());
         devices.add(Arc::new(Mutex::new(d)))?;
     }
     if let Some(v) = &cfg.vsock {
@@ -299,6 +303,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
         boot_time,
         subscribers,
         io_devices,
+        helper_threads,
         cmdline,
         vcpus,
         pio: Arc::new(pio),

@@ -142,6 +142,13 @@ impl Controller {
             first_run.entering();
             Ok(())
         });
+        if want_seccomp {
+            for helper in vm.helper_threads.drain(..) {
+                helper
+                    .confine()
+                    .map_err(|e| format!("cannot confine a device's helper thread: {e}"))?;
+            }
+        }
         // Before the main thread's filter, which a thread spawned later would inherit.
         for (name, dev) in vm.io_devices.drain(..) {
             // Detached: it serves its device until the process ends.

@@ -18,7 +18,9 @@
 //!   vCPU thread: its event loop and the disk's reads, writes and flushes, nothing else. The
 //!   main thread then no longer needs any file I/O call.
 //!
-//! Helper threads (virtio-fs's watchdog) start before any filter and stay unfiltered.
+//! * [`ThreadKind::Watchdog`]: virtio-fs's watchdog, which only waits and may shut the
+//!   vhost-user socket down. It starts with the device (before any filter) and installs its
+//!   filter when the VM starts (`Confiner`, from the controller).
 //!
 //! [`install`] filters the calling thread only (no TSYNC) and sets `PR_SET_NO_NEW_PRIVS`.
 //!
@@ -87,6 +89,8 @@ pub enum ThreadKind {
     Vcpu,
     /// A device's I/O thread: an event loop serving a disk (virtio-blk).
     DeviceIo,
+    /// virtio-fs's watchdog: waits, and may shut a socket down.
+    Watchdog,
 }
 
 impl fmt::Display for ThreadKind {
@@ -101,6 +105,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::DeviceIo => "device I/O",
+            ThreadKind::Watchdog => "watchdog",
         }
     }
 }
@@ -264,7 +269,7 @@ fn fcntl_cmds(kind: ThreadKind) -> Rules {
             ],
         ),
         ThreadKind::Vcpu => arg_in(1, &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64]),
-        ThreadKind::DeviceIo => arg_in(1, &[libc::F_GETFD as u64]),
+        ThreadKind::DeviceIo | ThreadKind::Watchdog => arg_in(1, &[libc::F_GETFD as u64]),
     }
 }
 
@@ -399,6 +404,8 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
             allow!(SYS_fsync),
             allow!(SYS_fdatasync),
         ]),
+        // Waiting is futexes and clocks (common); firing is a shutdown of the socket.
+        ThreadKind::Watchdog => list.push(allow!(SYS_shutdown)),
     }
     Ok(list)
 }

@@ -189,7 +189,12 @@ fn child_allowed_syscalls() {
     if !is_child() {
         return;
     }
-    for kind in [ThreadKind::Vcpu, ThreadKind::Vmm, ThreadKind::DeviceIo] {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::Vmm,
+        ThreadKind::DeviceIo,
+        ThreadKind::Watchdog,
+    ] {
         let (read_end, write_end) = pipe();
         on_filtered_thread(kind, move || {
             let msg = b"still alive";
@@ -258,7 +263,12 @@ fn bad_mode_is_an_error() {
 
 #[test]
 fn filters_build_in_both_modes() {
-    for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::DeviceIo] {
+    for kind in [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::DeviceIo,
+        ThreadKind::Watchdog,
+    ] {
         for mode in [Mode::Enforce, Mode::Log] {
             let bpf = filter_with_mode(kind, mode).unwrap();
             assert!(
@@ -279,6 +289,7 @@ fn lists_are_what_they_say() {
     let vmm = allowed_syscalls(ThreadKind::Vmm);
     let vcpu = allowed_syscalls(ThreadKind::Vcpu);
     let io = allowed_syscalls(ThreadKind::DeviceIo);
+    let watchdog = allowed_syscalls(ThreadKind::Watchdog);
     for name in [
         "epoll_pwait",
         "accept4",
@@ -320,7 +331,9 @@ fn lists_are_what_they_say() {
         "listen",
     ] {
         assert!(
-            !vmm.contains(&name) && !vcpu.contains(&name) && !io.contains(&name),
+            ![&vmm, &vcpu, &io, &watchdog]
+                .iter()
+                .any(|list| list.contains(&name)),
             "{name} allowed"
         );
     }
@@ -335,6 +348,11 @@ fn lists_are_what_they_say() {
         "ioctl", "socket", "connect", "accept4", "sendmsg", "recvmsg", "unlink",
     ] {
         assert!(!io.contains(&name), "device I/O allows {name}");
+        assert!(!watchdog.contains(&name), "the watchdog allows {name}");
+    }
+    assert!(watchdog.contains(&"shutdown"));
+    for name in ["epoll_ctl", "pwrite64", "lseek"] {
+        assert!(!watchdog.contains(&name), "the watchdog allows {name}");
     }
     // (epoll_ctl is allowed: a driver reset resets the device on the vCPU thread.)
     for name in ["socket", "connect", "accept4", "pwrite64"] {

@@ -19,7 +19,7 @@
 mod memory;
 #[cfg(test)]
 mod tests;
-mod watchdog;
+pub mod watchdog;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -617,6 +617,13 @@ fn host_address(
         .get_host_address(MemoryRegionAddress(offset))
         .map_err(|e| bad(&e.to_string()))?;
     Ok(host as u64)
+}
+
+impl Fs {
+    /// Puts the device's watchdog thread under its seccomp filter, when asked.
+    pub fn watchdog_confiner(&self) -> watchdog::Confiner {
+        self.watchdog.confiner()
+    }
 }
 
 impl VirtioDevice for Fs {
