@@ -164,6 +164,32 @@ fn device_io_thread_may_not_open_any_socket() {
 }
 
 #[test]
+#[ignore = "runs in a child process, from vcpu_thread_may_only_run"]
+fn child_vcpu_kvm_ioctls() {
+    if !is_child() {
+        return;
+    }
+    on_filtered_thread(ThreadKind::Vcpu, || {
+        // SAFETY: an ioctl on no fd: the kernel answers EBADF, once the filter lets it by.
+        let r = unsafe { libc::ioctl(-1, KVM_RUN as _, 0) };
+        assert_eq!(r, -1);
+        eprintln!("KVM_RUN allowed");
+        // KVM_SET_USER_MEMORY_REGION: _IOW(KVMIO, 0x46, struct kvm_userspace_memory_region).
+        // SAFETY: as above.
+        unsafe { libc::ioctl(-1, 0x4020_ae46 as _, 0) };
+        eprintln!("KVM_SET_USER_MEMORY_REGION allowed: the filter let it through");
+    });
+}
+
+#[test]
+fn vcpu_thread_may_only_run() {
+    let out = run_child("child_vcpu_kvm_ioctls", &[]);
+    assert_killed_by_sigsys(&out, libc::SYS_ioctl);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KVM_RUN allowed"), "{stderr}");
+}
+
+#[test]
 #[ignore = "runs in a child process, from vcpu_thread_may_not_exec"]
 fn child_vcpu_execve() {
     if !is_child() {
