@@ -197,11 +197,34 @@ impl Controller {
     }
 }
 
+/// Virtio devices a VM can have: one interrupt line each.
+const MAX_DEVICES: usize =
+    (crate::arch::layout::LAST_IRQ - crate::arch::layout::FIRST_DEVICE_IRQ + 1) as usize;
+
+impl Controller {
+    /// Devices configured so far, with the rng every VM gets.
+    fn device_count(&self) -> usize {
+        let c = &self.cfg;
+        1 + c.blocks.len() + c.nets.len() + c.fs.len() + usize::from(c.vsock.is_some())
+    }
+}
+
 impl ApiHandler for Controller {
     fn handle(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Response {
         let _ = self.finished();
         if let Err(e) = req.check_state(self.state) {
             return Response::error(e);
+        }
+        let adds_device = match req {
+            Request::AddBlock(_) | Request::AddNet(_) | Request::AddFs(_) => true,
+            Request::AddVsock(_) => self.cfg.vsock.is_none(),
+            _ => false,
+        };
+        if adds_device && self.device_count() >= MAX_DEVICES {
+            // Also bounds the tap fds a client can make us hold before start.
+            return Response::error(format!(
+                "at most {MAX_DEVICES} devices fit the VM's interrupt lines (vsock and rng included)"
+            ));
         }
         match req {
             Request::Configure(c) => self.configure(c),

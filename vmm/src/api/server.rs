@@ -63,6 +63,16 @@ impl<H: ApiHandler> ApiServer<H> {
         &self.handler
     }
 
+    /// Fds the server holds for requests not yet complete, over all clients.
+    #[cfg(test)]
+    pub(crate) fn held_fds(&self) -> usize {
+        self.clients
+            .values()
+            .flat_map(|c| &c.fd_batches)
+            .map(|b| b.fds.len())
+            .sum()
+    }
+
     pub fn handler_mut(&mut self) -> &mut H {
         &mut self.handler
     }
@@ -302,10 +312,18 @@ impl Client {
                 return Next::Close;
             }
             if !got.fds.is_empty() || got.fds_truncated {
+                // A client that sends fds in many pieces of one unfinished line must not pile
+                // them up in the VMM (fd exhaustion): past one request's worth, they are closed
+                // now and the request is refused when its line ends.
+                let held: usize = self.fd_batches.iter().map(|b| b.fds.len()).sum();
+                let room = MAX_FDS_PER_REQUEST.saturating_sub(held);
+                let mut fds = got.fds;
+                let over = fds.len() > room;
+                fds.truncate(room);
                 self.fd_batches.push(FdBatch {
                     pos: self.input.len(),
-                    fds: got.fds,
-                    truncated: got.fds_truncated,
+                    fds,
+                    truncated: got.fds_truncated || over,
                 });
             }
             self.input.extend_from_slice(&chunk[..got.len]);

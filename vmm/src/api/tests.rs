@@ -356,6 +356,28 @@ fn too_many_fds_are_refused() {
 }
 
 #[test]
+fn a_client_cannot_hoard_fds_in_an_unfinished_request() {
+    let h = Harness::new();
+    let (_read_end, write_end) = pipe();
+    let fds = vec![write_end.as_raw_fd(); 4];
+    let mut raw = h.raw();
+    // 40 pieces of one request line, each with 4 fds: 160 fds offered.
+    raw.stream.send_with_fds(&[&b"{"[..]], &fds).unwrap();
+    for _ in 0..39 {
+        raw.stream.send_with_fds(&[&b" "[..]], &fds).unwrap();
+    }
+    h.wait_for("all pieces read", |s| s.held_fds() == MAX_FDS_PER_REQUEST);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.server.lock().unwrap().held_fds(), MAX_FDS_PER_REQUEST);
+    raw.write(b"\"op\":\"status\"}\n");
+    let e = error_of(raw.response());
+    assert!(e.contains("too many file descriptors"), "{e}");
+    assert_eq!(h.server.lock().unwrap().held_fds(), 0);
+    raw.write(b"{\"op\":\"status\"}\n");
+    assert!(raw.response().ok);
+}
+
+#[test]
 fn malformed_lines_get_errors_and_the_connection_survives() {
     let h = Harness::new();
     let mut c = h.raw();

@@ -325,6 +325,9 @@ pub fn pause_all(
         < threads.iter().filter(|t| !t.is_finished()).count()
     {
         if Instant::now() > deadline {
+            // All or nothing: the vCPUs that did park run again, so the VM is what its state
+            // says (Running) rather than half stopped.
+            resume_all(control);
             return Err(VcpuError::PauseTimeout(timeout));
         }
         for t in threads.iter().filter(|t| !t.is_finished()) {
@@ -344,6 +347,29 @@ pub fn resume_all(control: &RunControl) {
 mod tests {
     use super::*;
     use kvm_bindings::kvm_cpuid_entry2;
+
+    /// One vCPU parks, the other never does: the pause fails and the parked one runs again.
+    #[test]
+    fn a_failed_pause_leaves_no_vcpu_parked() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(RunControl::default());
+        let c = control.clone();
+        let parks = std::thread::spawn(move || {
+            while !*c.paused.lock().unwrap() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            c.park_if_paused();
+        });
+        let stuck = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(500)));
+        let threads = [parks, stuck];
+        let err = pause_all(&control, &threads, Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(err, VcpuError::PauseTimeout(_)), "{err}");
+        assert!(!*control.paused.lock().unwrap(), "still marked paused");
+        let [parks, stuck] = threads;
+        // The parked one was woken: it returns from park_if_paused and ends.
+        parks.join().unwrap();
+        stuck.join().unwrap();
+    }
 
     #[test]
     fn cpuid_identifies_each_cpu() {
