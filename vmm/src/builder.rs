@@ -22,12 +22,14 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::boot_timer::BootTime;
 use crate::devices::legacy::capped_log::{CappedLog, DEFAULT_CONSOLE_CAP};
 use crate::devices::legacy::{boot_timer, i8042, serial, BootTimer, SerialDevice, I8042};
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::mmio::{cmdline_entry, MmioTransport};
 use crate::devices::virtio::{block, fs, net, rng, vsock, GuestMemory, VirtioDevice};
 use crate::vstate::startup::StartupProfile;
 use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::Vm;
 use crate::vstate::VmExit;
+use husk_vmm_api::EntropyConfig;
 
 /// The command line every guest gets before the devices' entries: console on the UART,
 /// `reboot=k` so a guest reboot resets through the i8042 and ends the VM, no waiting after
@@ -50,6 +52,7 @@ pub struct VmConfig {
     pub fs: Vec<FsConfig>,
     pub vsock: Option<VsockConfig>,
     pub tap_fds: Vec<OwnedFd>,
+    pub entropy: EntropyConfig,
 }
 
 impl Default for VmConfig {
@@ -62,6 +65,7 @@ impl Default for VmConfig {
             vcpus: 1,
             serial: SerialConfig::Stdout,
             blocks: vec![],
+            entropy: EntropyConfig::default(),
             nets: vec![],
             fs: vec![],
             vsock: None,
@@ -233,20 +237,33 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     };
     let mut cleanup_paths = Vec::new();
     let mut helper_threads = Vec::new();
-    devices.add(Arc::new(Mutex::new(
-        rng::Rng::new().map_err(|e| dev_err("virtio-rng", e))?,
-    )))?;
+    let limiter = |what: &str, cfg: &Option<husk_vmm_api::RateLimiterConfig>| {
+        cfg.as_ref()
+            .map(RateLimiter::new)
+            .transpose()
+            .map_err(|e| dev_err(what, e))
+    };
+    let mut rng = rng::Rng::new().map_err(|e| dev_err("virtio-rng", e))?;
+    if let Some(l) = limiter("virtio-rng", &cfg.entropy.rate_limiter)? {
+        rng = rng.with_rate_limiter(l);
+    }
+    devices.add(Arc::new(Mutex::new(rng)))?;
     for b in &cfg.blocks {
         let what = format!("disk {}", b.path.display());
         let mut d = block::Block::new(&b.path, b.read_only).map_err(|e| dev_err(&what, e))?;
         if let Some(id) = &b.id {
             d = d.with_serial(id);
         }
+        if let Some(l) = limiter(&what, &b.rate_limiter)? {
+            d = d.with_rate_limiter(l);
+        }
         devices.add_with_io_thread(Arc::new(Mutex::new(d)), "husk-blk")?;
     }
     let mut tap_fds: Vec<Option<OwnedFd>> = cfg.tap_fds.drain(..).map(Some).collect();
     for n in cfg.nets.drain(..) {
         let mac = n.mac.map(|m| m.0);
+        let rx = limiter("virtio-net", &n.rx_rate_limiter)?;
+        let tx = limiter("virtio-net", &n.tx_rate_limiter)?;
         let d = match (n.tap_name, n.tap_fd) {
             (Some(name), _) => net::Net::new_with_tap_name(&name, mac)
                 .map_err(|e| dev_err(format!("tap {name}"), e))?,
@@ -262,7 +279,7 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
                 ))
             }
         };
-        devices.add(Arc::new(Mutex::new(d)))?;
+        devices.add(Arc::new(Mutex::new(d.with_rate_limiters(rx, tx))))?;
     }
     for f in &cfg.fs {
         let d = fs::Fs::new(&f.socket_path, &f.tag, 1, fs::DEFAULT_QUEUE_SIZE)

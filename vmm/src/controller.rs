@@ -242,6 +242,7 @@ impl ApiHandler for Controller {
             }
             Request::AddFs(f) => self.cfg.fs.push(f),
             Request::AddVsock(v) => self.cfg.vsock = Some(v),
+            Request::ConfigureEntropy(e) => self.cfg.entropy = e,
             Request::Start => {
                 if let Err(e) = self.start(Instant::now()) {
                     tracing::error!("{e}");

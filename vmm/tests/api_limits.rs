@@ -40,6 +40,7 @@ fn devices_past_the_interrupt_lines_are_refused_when_added() {
     let _vmm = serve(&sock);
     let disk = |i: usize| {
         Request::AddBlock(BlockConfig {
+            rate_limiter: None,
             path: dir.join(format!("disk{i}")),
             read_only: false,
             id: None,

@@ -185,6 +185,8 @@ impl Vm {
             })
         })?;
         let req = Request::AddNet(NetConfig {
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
             tap_name: None,
             tap_fd: Some(0),
             mac: net.mac,

@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::rate_limit::RateLimiterConfig;
+
 /// `configure`: the machine and how to boot it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,10 +76,16 @@ pub struct BlockConfig {
     /// The disk's serial as the guest reads it (GET_ID); `None`: derived from the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Limits the guest's requests (bytes read and written, requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl BlockConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(r) = &self.rate_limiter {
+            r.validate().map_err(|e| format!("rate_limiter: {e}"))?;
+        }
         match &self.id {
             Some(id)
                 if id.is_empty()
@@ -107,6 +115,7 @@ impl FromStr for BlockConfig {
             path: path.into(),
             read_only: false,
             id: None,
+            rate_limiter: None,
         };
         for opt in parts {
             match opt.split_once('=') {
@@ -133,11 +142,25 @@ pub struct NetConfig {
     pub tap_fd: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddr>,
+    /// Limits frames from the host to the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits frames from the guest to the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetConfig {
     /// `num_fds`: how many fds came with the config (the API request's).
     pub fn validate(&self, num_fds: usize) -> Result<(), String> {
+        for (name, r) in [
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ] {
+            if let Some(r) = r {
+                r.validate().map_err(|e| format!("{name}: {e}"))?;
+            }
+        }
         match (&self.tap_name, self.tap_fd) {
             (Some(_), Some(_)) => Err("give either tap_name or tap_fd, not both".into()),
             (None, None) => Err(
@@ -167,6 +190,8 @@ impl FromStr for NetConfig {
             tap_name: parts.next().map(str::to_string),
             tap_fd: None,
             mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         for opt in parts {
             match opt.strip_prefix("mac=") {
@@ -277,7 +302,8 @@ mod tests {
             BlockConfig {
                 path: "/d.img".into(),
                 read_only: true,
-                id: Some("husk-disk".into())
+                id: Some("husk-disk".into()),
+                rate_limiter: None,
             }
         );
         let b: BlockConfig = "/d.img".parse().unwrap();
@@ -285,6 +311,10 @@ mod tests {
         assert!("/d.img,rw".parse::<BlockConfig>().is_err());
         assert!(",ro".parse::<BlockConfig>().is_err());
         assert!("/d.img,id=".parse::<BlockConfig>().is_err());
+        // Rate limits are API only; a zero bucket is refused.
+        let json = r#"{"path":"/d","read_only":false,"rate_limiter":{"ops":{"size":0,"refill_time_ms":5}}}"#;
+        let b: BlockConfig = serde_json::from_str(json).unwrap();
+        assert!(b.validate().unwrap_err().contains("rate_limiter: ops"));
         assert!(format!("/d.img,id={}", "x".repeat(21))
             .parse::<BlockConfig>()
             .unwrap_err()

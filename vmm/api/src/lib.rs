@@ -49,6 +49,14 @@
 //! {"op":"add_vsock","guest_cid":3,"uds_path":"/run/husk/vsock.sock"}
 //!     Host side of the hybrid vsock: host clients connect to uds_path and send
 //!     "CONNECT <port>\n"; guest connections to host port P go to "<uds_path>_P".
+//! {"op":"configure_entropy","rate_limiter":{"ops":{"size":100,"refill_time_ms":1000}}}
+//!     The virtio-rng device every VM has; rate_limiter is optional.
+//!
+//!     add_block takes "rate_limiter", add_net "rx_rate_limiter" and "tx_rate_limiter", in
+//!     the same form: {"bandwidth":BUCKET,"ops":BUCKET}, either optional, where BUCKET is
+//!     {"size":N,"one_time_burst":N,"refill_time_ms":N} (bytes or requests/frames; the
+//!     burst is optional, spent first and never refilled). A throttled request waits in its
+//!     queue until the bucket holds enough; one larger than the bucket waits for a full one.
 //! {"op":"start"}     boots the VM (needs a configure first).
 //! {"op":"pause"}     stops the vCPUs (state running -> paused).
 //! {"op":"resume"}    restarts them (paused -> running).
@@ -84,6 +92,7 @@ pub mod check;
 mod client;
 pub mod config;
 mod exit;
+pub mod rate_limit;
 pub mod scm;
 pub mod tap;
 #[cfg(test)]
@@ -102,6 +111,7 @@ pub use config::{
     BlockConfig, FsConfig, MacAddr, MachineConfig, NetConfig, SerialConfig, VsockConfig,
 };
 pub use exit::VmmExitStatus;
+pub use rate_limit::{EntropyConfig, RateLimiterConfig, TokenBucketConfig};
 pub use virtiofsd::virtiofsd_path;
 
 /// Longest request line, without its `\n`.
@@ -158,6 +168,7 @@ pub enum Request {
     AddNet(NetConfig),
     AddFs(FsConfig),
     AddVsock(VsockConfig),
+    ConfigureEntropy(EntropyConfig),
     Start,
     Pause,
     Resume,
@@ -174,6 +185,7 @@ impl Request {
             Request::AddNet(_) => "add_net",
             Request::AddFs(_) => "add_fs",
             Request::AddVsock(_) => "add_vsock",
+            Request::ConfigureEntropy(_) => "configure_entropy",
             Request::Start => "start",
             Request::Pause => "pause",
             Request::Resume => "resume",
@@ -204,6 +216,9 @@ impl Request {
             Request::Configure(c) => c.validate(),
             Request::AddBlock(b) => b.validate(),
             Request::AddNet(n) => n.validate(num_fds),
+            Request::ConfigureEntropy(e) => e.rate_limiter.as_ref().map_or(Ok(()), |r| {
+                r.validate().map_err(|e| format!("rate_limiter: {e}"))
+            }),
             _ => Ok(()),
         };
         checked.map_err(|e| format!("{}: {e}", self.op()))
@@ -218,7 +233,8 @@ impl Request {
             | Request::AddBlock(_)
             | Request::AddNet(_)
             | Request::AddFs(_)
-            | Request::AddVsock(_) => {
+            | Request::AddVsock(_)
+            | Request::ConfigureEntropy(_) => {
                 return if state == Configuring {
                     Ok(())
                 } else {

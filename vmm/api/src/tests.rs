@@ -101,6 +101,8 @@ fn mac_addresses() {
 fn validation() {
     let net = |tap_name: Option<&str>, tap_fd| {
         Request::AddNet(NetConfig {
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
             tap_name: tap_name.map(Into::into),
             tap_fd,
             mac: None,
@@ -140,6 +142,7 @@ fn validation() {
         .contains("configure: mem_mib"));
     let block = |id: &str| {
         Request::AddBlock(BlockConfig {
+            rate_limiter: None,
             path: "/disk.img".into(),
             read_only: false,
             id: Some(id.into()),

@@ -32,7 +32,10 @@ impl ApiHandler for Fake {
         }
         match req {
             Request::AddNet(NetConfig {
-                tap_fd: Some(i), ..
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+                tap_fd: Some(i),
+                ..
             }) => {
                 // Prove the fd is usable here: write through it.
                 let mut tap = File::from(fds.swap_remove(i));
@@ -225,6 +228,7 @@ fn configure() -> Request {
 
 fn add_block() -> Request {
     Request::AddBlock(BlockConfig {
+        rate_limiter: None,
         path: "/disk.img".into(),
         read_only: true,
         id: None,
@@ -291,6 +295,8 @@ fn tap_fd_travels_with_scm_rights() {
     let h = Harness::new();
     let (read_end, write_end) = pipe();
     let req = Request::AddNet(NetConfig {
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
         tap_name: None,
         tap_fd: Some(0),
         mac: Some(MacAddr([2, 0, 0, 0, 0, 1])),
@@ -322,6 +328,8 @@ fn fds_with_a_request_that_takes_none_are_closed() {
 fn tap_fd_index_must_match_the_fds_sent() {
     let h = Harness::new();
     let req = Request::AddNet(NetConfig {
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
         tap_name: None,
         tap_fd: Some(0),
         mac: None,
@@ -612,6 +620,8 @@ fn child_serves_under_the_vmm_filter() {
     assert!(h.send(&configure()).ok);
     let (read_end, write_end) = pipe();
     let req = Request::AddNet(NetConfig {
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
         tap_name: None,
         tap_fd: Some(0),
         mac: None,

@@ -3,4 +3,5 @@ pub mod bus;
 pub(crate) mod guest_warn;
 pub mod io_thread;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;

@@ -400,6 +400,8 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
             allow!(SYS_pwritev),
             allow!(SYS_fsync),
             allow!(SYS_fdatasync),
+            // The disk's rate limiter re-arms its timer.
+            allow!(SYS_timerfd_settime),
         ]),
         // Waiting is futexes and clocks (common); firing is a shutdown of the socket.
         ThreadKind::Watchdog => list.push(allow!(SYS_shutdown)),

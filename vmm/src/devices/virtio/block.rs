@@ -21,8 +21,9 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+use vmm_sys_util::epoll::EventSet;
 
 use super::activation::DeviceActivation;
 use super::{
@@ -30,6 +31,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::devices::guest_warn::guest_warn;
+use crate::devices::rate_limiter::RateLimiter;
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
@@ -44,6 +46,7 @@ const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
 const EV_ACTIVATE: u32 = 0;
 const EV_QUEUE: u32 = 1;
+const EV_RATE_LIMITER: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -316,6 +319,7 @@ pub struct Block {
     acked_features: u64,
     config: [u8; 16],
     activation: DeviceActivation,
+    limiter: Option<RateLimiter>,
 }
 
 impl Block {
@@ -363,6 +367,7 @@ impl Block {
             config,
             activation: DeviceActivation::new("virtio-blk", EV_ACTIVATE, &[EV_QUEUE])
                 .map_err(BlockError::EventFd)?,
+            limiter: None,
         })
     }
 
@@ -371,6 +376,12 @@ impl Block {
         let n = serial.len().min(ID_LEN);
         self.disk.id = [0; ID_LEN];
         self.disk.id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        self
+    }
+
+    /// Limits the guest's requests: each costs an operation and its chain's bytes.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = Some(limiter);
         self
     }
 
@@ -386,6 +397,14 @@ impl Block {
         let mut used_any = false;
         let queue = &mut active.queues[0];
         while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+            if let Some(limiter) = &mut self.limiter {
+                let bytes = chain.clone().map(|d| u64::from(d.len())).sum();
+                if !limiter.consume(bytes) {
+                    // Served when the limiter's timer fires.
+                    queue.go_to_previous_position();
+                    break;
+                }
+            }
             let head = chain.head_index();
             let len = self.disk.handle_chain(&active.mem, chain);
             if let Err(e) = queue.add_used(&active.mem, head, len) {
@@ -449,6 +468,11 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
+        if let Some(l) = &self.limiter {
+            if let Err(e) = ops.add(Events::with_data(l, EV_RATE_LIMITER, EventSet::IN)) {
+                error!("virtio-blk: cannot register the rate limiter: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -461,6 +485,12 @@ impl MutEventSubscriber for Block {
             }
             EV_QUEUE => {
                 self.activation.clear_queue_event(EV_QUEUE);
+                self.process_queue();
+            }
+            EV_RATE_LIMITER => {
+                if let Some(l) = &mut self.limiter {
+                    l.on_timer();
+                }
                 self.process_queue();
             }
             other => guest_warn!("virtio-blk: unexpected event {other}"),
@@ -949,6 +979,66 @@ mod tests {
         kick.write(1).unwrap();
         assert!(em.run_with_timeout(1000).unwrap() >= 1);
         assert_eq!(second.used_idx(&mem), 1);
+    }
+
+    /// One request per 200 ms: of three queued, one is served at once and the others as the
+    /// limiter's timer lets them, never before their tokens exist.
+    #[test]
+    fn a_rate_limited_disk_serves_requests_as_tokens_come() {
+        use husk_vmm_api::{RateLimiterConfig, TokenBucketConfig};
+        use std::time::{Duration, Instant};
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(4096).unwrap();
+        let limiter = RateLimiter::new(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms: 200,
+            }),
+        })
+        .unwrap();
+        let blk = Block::new(file.as_path(), false)
+            .unwrap()
+            .with_rate_limiter(limiter);
+        let mem = guest_memory(MEM_SIZE);
+        let mut queue = TestQueue::new(&mem, 0, 16);
+        let mut em = EventManager::<Block>::new().unwrap();
+        let id = em.add_subscriber(blk);
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = evt.try_clone().unwrap();
+        em.subscriber_mut(id)
+            .unwrap()
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![queue.take_queue()],
+                queue_evts: vec![evt],
+                irq: IrqTrigger::new().unwrap(),
+            })
+            .unwrap();
+        em.run_with_timeout(100).unwrap();
+        mem.write_slice(&VIRTIO_BLK_T_FLUSH.to_le_bytes(), GuestAddress(HDR))
+            .unwrap();
+        for i in 0..3 {
+            queue.add(&mem, &[r(HDR, 16), w(STATUS + i * 16, 1)]);
+        }
+        let t = Instant::now();
+        kick.write(1).unwrap();
+        em.run_with_timeout(100).unwrap();
+        assert_eq!(queue.used_idx(&mem), 1, "the bucket held one request");
+        while queue.used_idx(&mem) < 3 && t.elapsed() < Duration::from_secs(5) {
+            em.run_with_timeout(100).unwrap();
+        }
+        assert_eq!(
+            queue.used_idx(&mem),
+            3,
+            "throttled requests were never served"
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(390),
+            "two more requests in {:?}: faster than their tokens",
+            t.elapsed()
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ use super::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::devices::guest_warn::guest_warn;
+use crate::devices::rate_limiter::RateLimiter;
 
 pub const RX_INDEX: usize = 0;
 pub const TX_INDEX: usize = 1;
@@ -46,6 +47,8 @@ const EV_ACTIVATE: u32 = 0;
 const EV_RX_QUEUE: u32 = 1;
 const EV_TX_QUEUE: u32 = 2;
 const EV_TAP: u32 = 3;
+const EV_RX_LIMITER: u32 = 4;
+const EV_TX_LIMITER: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -142,8 +145,14 @@ pub struct Net {
     activation: DeviceActivation,
     /// The tap is in the event loop (from the first activation on; a reset keeps it there).
     tap_registered: bool,
-    /// Scratch space for one frame; RX and TX run on the same thread, never at once.
+    /// Scratch space for one TX frame.
     frame: Vec<u8>,
+    /// The frame last read from the tap, and its length while it waits for a buffer the
+    /// rate limiter lets it into (0: none waiting).
+    rx_frame: Vec<u8>,
+    rx_pending: usize,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
 }
 
 impl Net {
@@ -182,7 +191,18 @@ impl Net {
             .map_err(NetError::EventFd)?,
             tap_registered: false,
             frame: vec![0; MAX_FRAME_LEN],
+            rx_frame: vec![0; MAX_FRAME_LEN],
+            rx_pending: 0,
+            rx_limiter: None,
+            tx_limiter: None,
         })
+    }
+
+    /// Limits frames each way: each costs an operation and its bytes.
+    pub fn with_rate_limiters(mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
     }
 
     /// The tap's interface name, as the kernel reports it.
@@ -214,29 +234,41 @@ impl Net {
                     continue;
                 }
             };
-            let len = match (&self.tap.file).read(&mut self.frame) {
-                Ok(len) => len,
-                Err(e) => {
-                    // The buffer stays available for the next frame.
-                    a.queues[RXQ].go_to_previous_position();
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        guest_warn!("virtio-net: tap read failed: {e}");
+            if self.rx_pending == 0 {
+                match (&self.tap.file).read(&mut self.rx_frame) {
+                    Ok(len) => self.rx_pending = len,
+                    Err(e) => {
+                        // The buffer stays available for the next frame.
+                        a.queues[RXQ].go_to_previous_position();
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            guest_warn!("virtio-net: tap read failed: {e}");
+                        }
+                        break;
                     }
-                    break;
                 }
-            };
+            }
+            let len = self.rx_pending;
             if len < VNET_HDR_LEN || len > writer.available_bytes() {
                 guest_warn!(
                     "virtio-net: dropped a {len}-byte RX frame: buffer {head} holds {}",
                     writer.available_bytes()
                 );
+                self.rx_pending = 0;
                 a.queues[RXQ].go_to_previous_position();
                 continue;
             }
+            if let Some(limiter) = &mut self.rx_limiter {
+                if !limiter.consume(len as u64) {
+                    // The frame waits in `rx_frame` for the limiter's timer.
+                    a.queues[RXQ].go_to_previous_position();
+                    break;
+                }
+            }
+            self.rx_pending = 0;
             // Without MRG_RXBUF a frame always takes one buffer; older kernels leave these
             // two header bytes as they found them.
-            self.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
-            let used_len = match writer.write_all(&self.frame[..len]) {
+            self.rx_frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+            let used_len = match writer.write_all(&self.rx_frame[..len]) {
                 Ok(()) => len as u32,
                 Err(e) => {
                     guest_warn!("virtio-net: cannot write RX frame to guest memory: {e}");
@@ -262,6 +294,14 @@ impl Net {
         };
         let mut used_any = false;
         while let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) {
+            if let Some(limiter) = &mut self.tx_limiter {
+                let bytes = chain.clone().map(|d| u64::from(d.len())).sum();
+                if !limiter.consume(bytes) {
+                    // Sent when the limiter's timer fires.
+                    a.queues[TXQ].go_to_previous_position();
+                    break;
+                }
+            }
             let head = chain.head_index();
             match chain.reader(&a.mem) {
                 Err(e) => guest_warn!("virtio-net: bad TX chain {head}: {e}"),
@@ -365,6 +405,16 @@ impl VirtioDevice for Net {
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
+        for (limiter, data) in [
+            (&self.rx_limiter, EV_RX_LIMITER),
+            (&self.tx_limiter, EV_TX_LIMITER),
+        ] {
+            if let Some(l) = limiter {
+                if let Err(e) = ops.add(Events::with_data(l, data, EventSet::IN)) {
+                    error!("virtio-net: cannot register a rate limiter: {e}");
+                }
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -380,6 +430,18 @@ impl MutEventSubscriber for Net {
             }
             EV_TX_QUEUE => {
                 self.activation.clear_queue_event(EV_TX_QUEUE);
+                self.process_tx();
+            }
+            EV_RX_LIMITER => {
+                if let Some(l) = &mut self.rx_limiter {
+                    l.on_timer();
+                }
+                self.process_rx();
+            }
+            EV_TX_LIMITER => {
+                if let Some(l) = &mut self.tx_limiter {
+                    l.on_timer();
+                }
                 self.process_tx();
             }
             EV_TAP => {
@@ -789,6 +851,52 @@ mod tests {
         let got = received(&s);
         assert_eq!(got.len(), 1, "the frame that waited was lost");
         assert_eq!(got[0].1, f);
+    }
+
+    /// RX limited to one frame per 300 ms: of two frames that arrive together, the second
+    /// waits in the device (not dropped, not delivered early) until the limiter's timer.
+    #[test]
+    fn a_rate_limited_rx_holds_a_frame_until_its_token_comes() {
+        use husk_vmm_api::{RateLimiterConfig, TokenBucketConfig};
+        let (net, mut s) = setup();
+        let limiter = RateLimiter::new(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms: 300,
+            }),
+        })
+        .unwrap();
+        let net = net.with_rate_limiters(Some(limiter), None);
+        let mut em = EventManager::<Net>::new().unwrap();
+        em.add_subscriber(net);
+        em.run_with_timeout(100).unwrap();
+        for _ in 0..4 {
+            post_rx(&mut s, 2048);
+        }
+        let (f1, f2) = (frame(1, 64), frame(2, 64));
+        let t = Instant::now();
+        s.sock.send(&f1);
+        s.sock.send(&f2);
+        // When each of our frames reached the guest (the host may send frames of its own,
+        // which take tokens too, so only the gap between ours is certain).
+        let mut seen = Vec::new();
+        while seen.len() < 2 && t.elapsed() < Duration::from_secs(5) {
+            em.run_with_timeout(10).unwrap();
+            let n = received(&s).len();
+            while seen.len() < n {
+                seen.push(t.elapsed());
+            }
+        }
+        let got = received(&s);
+        assert_eq!(got.len(), 2, "a throttled frame was lost");
+        assert_eq!((&got[0].1, &got[1].1), (&f1, &f2));
+        assert!(
+            seen[1] - seen[0] >= Duration::from_millis(250),
+            "the second frame came {:?} after the first, before its token",
+            seen[1] - seen[0]
+        );
     }
 
     #[test]

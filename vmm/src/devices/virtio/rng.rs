@@ -9,12 +9,14 @@ use std::io;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, error};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
+use vmm_sys_util::epoll::EventSet;
 
 use super::activation::DeviceActivation;
 use super::{ActivateError, Activation, GuestMemory, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 use crate::devices::guest_warn::guest_warn;
+use crate::devices::rate_limiter::RateLimiter;
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out for one request; the rest of a larger chain stays untouched.
@@ -23,6 +25,7 @@ const ENTROPY_SOURCE: &str = "/dev/urandom";
 
 const EV_ACTIVATE: u32 = 0;
 const EV_QUEUE: u32 = 1;
+const EV_RATE_LIMITER: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
@@ -38,6 +41,7 @@ pub struct Rng {
     source: File,
     acked_features: u64,
     activation: DeviceActivation,
+    limiter: Option<RateLimiter>,
 }
 
 /// Fills the chain's writable buffers from `source`, up to [`MAX_REQUEST_BYTES`]; returns
@@ -74,7 +78,14 @@ impl Rng {
             acked_features: 0,
             activation: DeviceActivation::new("virtio-rng", EV_ACTIVATE, &[EV_QUEUE])
                 .map_err(RngError::EventFd)?,
+            limiter: None,
         })
+    }
+
+    /// Limits the guest's requests: each costs an operation and the bytes it asks for.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = Some(limiter);
+        self
     }
 
     fn process_queue(&mut self) {
@@ -84,6 +95,18 @@ impl Rng {
         let mut used_any = false;
         let queue = &mut active.queues[0];
         while let Some(chain) = queue.pop_descriptor_chain(&active.mem) {
+            if let Some(limiter) = &mut self.limiter {
+                let asked: u64 = chain
+                    .clone()
+                    .filter(|d| d.is_write_only())
+                    .map(|d| u64::from(d.len()))
+                    .sum();
+                if !limiter.consume(asked.min(u64::from(MAX_REQUEST_BYTES))) {
+                    // Served when the limiter's timer fires.
+                    queue.go_to_previous_position();
+                    break;
+                }
+            }
             let head = chain.head_index();
             let len = fill_chain(&mut self.source, &active.mem, chain);
             if let Err(e) = queue.add_used(&active.mem, head, len) {
@@ -146,6 +169,11 @@ impl VirtioDevice for Rng {
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
+        if let Some(l) = &self.limiter {
+            if let Err(e) = ops.add(Events::with_data(l, EV_RATE_LIMITER, EventSet::IN)) {
+                error!("virtio-rng: cannot register the rate limiter: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -158,6 +186,12 @@ impl MutEventSubscriber for Rng {
             }
             EV_QUEUE => {
                 self.activation.clear_queue_event(EV_QUEUE);
+                self.process_queue();
+            }
+            EV_RATE_LIMITER => {
+                if let Some(l) = &mut self.limiter {
+                    l.on_timer();
+                }
                 self.process_queue();
             }
             other => guest_warn!("virtio-rng: unexpected event {other}"),
