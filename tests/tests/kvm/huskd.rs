@@ -184,6 +184,46 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
         assert_eq!(ps.state, cri::PodSandboxState::SandboxReady as i32);
         assert!(ps.created_at > 0);
         assert!(!ps.network.unwrap().ip.is_empty(), "the pod has a CNI IP");
+        // ListPodSandbox filters by id, state and labels.
+        for (filter, want) in [
+            (
+                cri::PodSandboxFilter {
+                    label_selector: [("app".to_string(), "hpod".to_string())].into(),
+                    ..Default::default()
+                },
+                vec![pod.clone()],
+            ),
+            (
+                cri::PodSandboxFilter {
+                    label_selector: [("app".to_string(), "other".to_string())].into(),
+                    ..Default::default()
+                },
+                vec![],
+            ),
+            (
+                cri::PodSandboxFilter {
+                    id: pod.clone(),
+                    state: Some(cri::PodSandboxStateValue {
+                        state: cri::PodSandboxState::SandboxNotready as i32,
+                    }),
+                    ..Default::default()
+                },
+                vec![],
+            ),
+        ] {
+            let got: Vec<String> =
+                c.rt.list_pod_sandbox(cri::ListPodSandboxRequest {
+                    filter: Some(filter.clone()),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .items
+                .into_iter()
+                .map(|p| p.id)
+                .collect();
+            assert_eq!(got, want, "{filter:?}");
+        }
 
         // Bad input: the right code, and nothing made.
         let bundles = huskd.dir.join("state/bundles");
