@@ -6,8 +6,12 @@
 
 pub mod cni;
 pub mod config;
+pub mod container_spec;
+pub mod containers;
 pub mod image;
+pub mod logs;
 pub mod netns;
+pub mod pause;
 pub mod pods;
 pub mod server;
 pub mod shim_client;

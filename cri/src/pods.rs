@@ -164,6 +164,7 @@ impl Pods {
             source,
         };
         std::fs::create_dir_all(pod.bundle.join("rootfs")).map_err(bundle_err)?;
+        write_pause(&pod.bundle.join("rootfs")).map_err(bundle_err)?;
         let spec = serde_json::to_vec_pretty(&sandbox_spec(pod)).expect("serialize a spec");
         std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
         pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
@@ -243,9 +244,43 @@ impl Pods {
         self.pods.lock().await.get(id).cloned()
     }
 
+    /// Whether the pod exists and is Ready (its shim and VM running).
+    pub async fn ready(&self, id: &str) -> Option<bool> {
+        self.pods
+            .lock()
+            .await
+            .get(id)
+            .map(|p| p.state == PodState::Ready)
+    }
+
     pub async fn list(&self) -> Vec<Pod> {
         self.pods.lock().await.values().cloned().collect()
     }
+}
+
+impl Pod {
+    /// The ttrpc address of the pod's shim (every container of the pod is served there).
+    pub fn shim_address(&self) -> &str {
+        &self.shim_address
+    }
+
+    /// The pod's network namespace (the host side of the VM's network).
+    pub fn netns_path(&self) -> &std::path::Path {
+        self.netns.path()
+    }
+}
+
+/// The sandbox rootfs: `/pause` (see [`crate::pause`]) and the directories a container
+/// root is expected to have.
+fn write_pause(rootfs: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["dev", "etc", "proc", "sys"] {
+        // Mount points of the default mounts: the rootfs is read-only.
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    let p = rootfs.join("pause");
+    std::fs::write(&p, crate::pause::elf())?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
 }
 
 /// The sandbox task's OCI spec: what containerd 1.6's CRI plugin gives a VM runtime (the
@@ -271,6 +306,7 @@ fn sandbox_spec(pod: &Pod) -> serde_json::Value {
             "cwd": "/"
         },
         "root": {"path": "rootfs", "readonly": true},
+        "mounts": crate::container_spec::default_mounts(),
         "hostname": pod.spec.hostname,
         "annotations": ann,
         "linux": {

@@ -31,6 +31,19 @@ pub enum ShimError {
     Delete { binary: PathBuf, message: String },
 }
 
+/// The type of an exec's process spec (containerd's name for the OCI Process).
+const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+
+/// A task Create: the bundle, the rootfs mounts and the output FIFOs.
+pub struct TaskCreate<'a> {
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub config: Option<&'a Path>,
+    pub rootfs: &'a [crate::container_spec::RootfsMount],
+    pub stdout: Option<&'a Path>,
+    pub stderr: Option<&'a Path>,
+}
+
 /// How huskd runs the shim binary.
 #[derive(Clone, Debug)]
 pub struct ShimLauncher {
@@ -186,10 +199,36 @@ impl Shim {
         bundle: &Path,
         config: Option<&Path>,
     ) -> Result<u32, ShimError> {
+        self.create_task(&TaskCreate {
+            id,
+            bundle,
+            config,
+            rootfs: &[],
+            stdout: None,
+            stderr: None,
+        })
+        .await
+    }
+
+    /// Create with rootfs mounts and stdio FIFOs (an app container).
+    pub async fn create_task(&self, t: &TaskCreate<'_>) -> Result<u32, ShimError> {
+        let fifo = |p: Option<&Path>| p.map(|p| p.to_string_lossy().into_owned());
         let req = api::CreateTaskRequest {
-            id: id.into(),
-            bundle: bundle.to_string_lossy().into_owned(),
-            options: MessageField::from_option(config.map(options_any)),
+            id: t.id.into(),
+            bundle: t.bundle.to_string_lossy().into_owned(),
+            options: MessageField::from_option(t.config.map(options_any)),
+            rootfs: t
+                .rootfs
+                .iter()
+                .map(|m| containerd_shim_protos::types::mount::Mount {
+                    type_: m.kind.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            stdout: fifo(t.stdout).unwrap_or_default(),
+            stderr: fifo(t.stderr).unwrap_or_default(),
             ..Default::default()
         };
         let r = self
@@ -198,6 +237,100 @@ impl Shim {
             .await
             .map_err(call_err("Create"))?;
         Ok(r.pid)
+    }
+
+    /// Registers an exec process (`process` is the OCI Process as JSON), output to FIFOs.
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+        stdout: &Path,
+        stderr: &Path,
+    ) -> Result<(), ShimError> {
+        let req = api::ExecProcessRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            stdout: stdout.to_string_lossy().into_owned(),
+            stderr: stderr.to_string_lossy().into_owned(),
+            spec: MessageField::some(Any {
+                type_url: PROCESS_TYPE.into(),
+                value: serde_json::to_vec(process).expect("serialize a process"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.client
+            .exec(ctx(), &req)
+            .await
+            .map_err(call_err("Exec"))?;
+        Ok(())
+    }
+
+    /// Starts an exec process.
+    pub async fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32, ShimError> {
+        let req = api::StartRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .start(ctx(), &req)
+            .await
+            .map_err(call_err("Start"))?;
+        Ok(r.pid)
+    }
+
+    /// Waits, with no deadline, until the process exits; returns its exit status.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<u32, ShimError> {
+        let req = api::WaitRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .wait(context::Context::default(), &req)
+            .await
+            .map_err(call_err("Wait"))?;
+        Ok(r.exit_status)
+    }
+
+    /// Signals one process (`all`: every process of the container).
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ShimError> {
+        let req = api::KillRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.client
+            .kill(ctx(), &req)
+            .await
+            .map_err(call_err("Kill"))?;
+        Ok(())
+    }
+
+    /// Deletes an exited exec process.
+    pub async fn delete_exec(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
+        let req = api::DeleteRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client
+            .delete(ctx(), &req)
+            .await
+            .map_err(call_err("Delete"))?;
+        Ok(())
     }
 
     pub async fn start(&self, id: &str) -> Result<u32, ShimError> {

@@ -210,6 +210,64 @@ async fn a_pod_whose_vm_cannot_start_fails_cleanly() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+
+    // Containers: one in a pod that does not exist is NotFound; Stop and Remove of a
+    // container that does not exist succeed; its status and ExecSync are NotFound.
+    let e =
+        c.rt.create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: "nope".into(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "c".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: "busybox".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("pod sandbox \"nope\""), "{e:?}");
+    c.rt.stop_container(cri::StopContainerRequest {
+        container_id: "nope".into(),
+        timeout: 1,
+    })
+    .await
+    .unwrap();
+    c.rt.remove_container(cri::RemoveContainerRequest {
+        container_id: "nope".into(),
+    })
+    .await
+    .unwrap();
+    let e =
+        c.rt.container_status(cri::ContainerStatusRequest {
+            container_id: "nope".into(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e =
+        c.rt.exec_sync(cri::ExecSyncRequest {
+            container_id: "nope".into(),
+            cmd: vec!["true".into()],
+            timeout: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let listed =
+        c.rt.list_containers(cri::ListContainersRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
+    assert!(listed.is_empty(), "{listed:?}");
 }
 
 /// Deletes the test bridge (made by the bridge plugin) however the test ends.

@@ -1,6 +1,7 @@
 //! The CRI v1 gRPC edge: protocol types stop here. Each layer's error maps to a gRPC code
 //! in this module and nowhere else.
 
+mod containers;
 pub mod image;
 pub mod runtime;
 
@@ -17,6 +18,7 @@ use tracing::info;
 
 use crate::cni::CniError;
 use crate::config::Config;
+use crate::containers::Containers;
 use crate::image::{ImageError, Puller, Store};
 use crate::pods::{PodError, Pods};
 use crate::shim_client::ShimLauncher;
@@ -87,7 +89,8 @@ pub async fn serve(
         source,
     })?;
     let puller = Puller::new(&config.registries, config.default_registry_policy);
-    let images = image::Images::new(Arc::new(store), puller);
+    let store = Arc::new(store);
+    let images = image::Images::new(store.clone(), puller);
     let launcher = ShimLauncher {
         binary: shim_binary(&config),
         namespace: "k8s.io".into(),
@@ -97,8 +100,9 @@ pub async fn serve(
         publish_binary: "/bin/true".into(),
         config: config_path,
     };
-    let pods = Pods::new(&config, launcher);
-    let runtime = runtime::Runtime::new(config.clone(), pods);
+    let pods = Pods::new(&config, launcher.clone());
+    let containers = Containers::new(store, &config.state_dir, &config.data_dir, launcher);
+    let runtime = runtime::Runtime::new(config.clone(), pods, containers);
 
     let socket = config.socket.clone();
     let sock_err = |source| ServeError::Socket {

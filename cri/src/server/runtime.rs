@@ -1,5 +1,6 @@
-//! The CRI RuntimeService. Version, Status, RuntimeConfig and the pod sandbox calls answer
-//! now; container calls answer UNIMPLEMENTED (explicitly, so kubelet and crictl say so).
+//! The CRI RuntimeService. Version, Status, RuntimeConfig, the pod sandbox calls, the
+//! container lifecycle and ExecSync answer (container calls in `containers.rs`); the rest
+//! answer UNIMPLEMENTED (explicitly, so kubelet and crictl say so).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,9 +9,11 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
+use super::containers::{self as ctr, container_status_code};
 use super::pod_status;
 use crate::cni::{self, PortMapping};
 use crate::config::{CgroupDriver, Config};
+use crate::containers::Containers;
 use crate::pods::{Pod, PodSpec, PodState, Pods};
 
 /// The CRI API version huskd speaks.
@@ -20,11 +23,16 @@ const RUNTIME_NAME: &str = "husk";
 pub struct Runtime {
     config: Config,
     pods: Pods,
+    containers: Containers,
 }
 
 impl Runtime {
-    pub fn new(config: Config, pods: Pods) -> Runtime {
-        Runtime { config, pods }
+    pub fn new(config: Config, pods: Pods, containers: Containers) -> Runtime {
+        Runtime {
+            config,
+            pods,
+            containers,
+        }
     }
 }
 
@@ -209,6 +217,11 @@ impl RuntimeService for Runtime {
         request: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
+        // Containers first: the pod's shim exits only once it holds no task but the sandbox.
+        self.containers
+            .stop_pod(&id)
+            .await
+            .map_err(container_status_code)?;
         self.pods.stop(&id).await.map_err(pod_status)?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
@@ -218,6 +231,15 @@ impl RuntimeService for Runtime {
         request: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
+        self.containers
+            .stop_pod(&id)
+            .await
+            .map_err(container_status_code)?;
+        self.pods.stop(&id).await.map_err(pod_status)?;
+        self.containers
+            .remove_pod(&id)
+            .await
+            .map_err(container_status_code)?;
         self.pods.remove(&id).await.map_err(pod_status)?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
@@ -297,16 +319,84 @@ impl RuntimeService for Runtime {
         ))
     }
 
+    async fn create_container(
+        &self,
+        request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let id = ctr::create(&self.pods, &self.containers, request.into_inner()).await?;
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
+        self.containers
+            .start(&id)
+            .await
+            .map_err(container_status_code)?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let req = request.into_inner();
+        let timeout = std::time::Duration::from_secs(req.timeout.max(0) as u64);
+        self.containers
+            .stop(&req.container_id, timeout)
+            .await
+            .map_err(container_status_code)?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
+        self.containers
+            .remove(&id)
+            .await
+            .map_err(container_status_code)?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let containers = ctr::list(&self.containers, request.into_inner().filter);
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let status = ctr::status(&self.containers, &request.into_inner().container_id)?;
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(status),
+            ..Default::default()
+        }))
+    }
+
+    async fn exec_sync(
+        &self,
+        request: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        Ok(Response::new(
+            ctr::exec_sync(&self.containers, request.into_inner()).await?,
+        ))
+    }
+
     not_yet! {
-        create_container: CreateContainerRequest => CreateContainerResponse,
-        start_container: StartContainerRequest => StartContainerResponse,
-        stop_container: StopContainerRequest => StopContainerResponse,
-        remove_container: RemoveContainerRequest => RemoveContainerResponse,
-        list_containers: ListContainersRequest => ListContainersResponse,
-        container_status: ContainerStatusRequest => ContainerStatusResponse,
         update_container_resources: UpdateContainerResourcesRequest => UpdateContainerResourcesResponse,
         reopen_container_log: ReopenContainerLogRequest => ReopenContainerLogResponse,
-        exec_sync: ExecSyncRequest => ExecSyncResponse,
         exec: ExecRequest => ExecResponse,
         attach: AttachRequest => AttachResponse,
         port_forward: PortForwardRequest => PortForwardResponse,

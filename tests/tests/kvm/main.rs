@@ -2,6 +2,7 @@
 //! directly on a host with hardware virtualization.
 mod agent;
 mod containerd;
+mod huskd;
 mod run;
 mod sandbox;
 mod smoke;
