@@ -322,6 +322,7 @@ pub mod pod {
             hostname: hostname.into(),
             vm: spec.clone(),
             boot_timeout: Duration::from_secs(180),
+            own_netns: false,
         })
         .await
         .unwrap_or_else(|e| panic!("create the sandbox: {e}"));

@@ -44,6 +44,17 @@ pub fn vm_size(spec: &Value, vm: &VmSection) -> (u8, u32) {
     )
 }
 
+/// The network namespace the sandbox spec names (the one CNI configured), if any.
+pub fn netns_path(spec: &Value) -> Option<std::path::PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|ns| ns["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(Into::into)
+}
+
 /// A host path the container bind-mounts, to be exposed through the pod's share.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostBind {
@@ -130,7 +141,16 @@ mod tests {
                 {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm",
                  "options": ["rbind", "ro"]}]
         });
+        assert_eq!(
+            netns_path(&spec).as_deref(),
+            Some(std::path::Path::new("/var/run/netns/cni-1"))
+        );
         let binds = for_guest(&mut spec);
+        assert_eq!(
+            netns_path(&spec),
+            None,
+            "the guest's spec names no host netns"
+        );
         assert!(spec["linux"]["namespaces"]
             .as_array()
             .unwrap()

@@ -6,8 +6,8 @@
 //! `<bundle>/rootfs` and bind-mounted into the share; host bind mounts of its spec go the
 //! same way. What the sandbox layer's state does not know (the share and the container
 //! mounts on the host) is kept in [`sandbox_state`]'s file, for a `delete` after the shim
-//! was killed. Not yet: pod networking (no tap in the CNI netns: the guest has no NIC) and
-//! host cgroups.
+//! was killed. The pod's CNI network is carried into the VM by
+//! [`crate::sandbox::pod_network`]. Not yet: host cgroups.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ use super::pod_spec;
 use super::runtime::{ContainerRequest, ExecRequest, ExitStatus, PodRuntime, SandboxRequest};
 use super::sandbox_state::{self, SandboxState};
 use super::stdio::ProcessIo;
+use crate::sandbox::pod_network;
 use crate::sandbox::vm::{ShareSpec, VmSpec};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use husk_agent_client::{ctx, Agent};
@@ -294,6 +295,16 @@ impl PodRuntime for VmRuntime {
         if !c.vmm.as_os_str().is_empty() {
             spec.vmm_bin = Some(c.vmm.clone());
         }
+        // The CNI netns (CRI pods): its interfaces become the VM's NICs.
+        let net = match pod_spec::netns_path(&req.spec) {
+            Some(ns) => Some(
+                tokio::task::spawn_blocking(move || pod_network::discover(&ns))
+                    .await
+                    .map_err(|e| Error::Other(format!("the netns task failed: {e}")))??,
+            ),
+            None => None,
+        };
+        spec.nets = net.as_ref().map(|n| n.nets()).unwrap_or_default();
         let vm_id = sandbox_vm_id(&req.id);
         let share = crate::paths::run_root().join("share").join(&vm_id);
         std::fs::create_dir_all(&share)
@@ -308,6 +319,8 @@ impl PodRuntime for VmRuntime {
             hostname: req.spec["hostname"].as_str().unwrap_or("").to_string(),
             vm: spec,
             boot_timeout: c.timeouts.agent_connect(),
+            // No netns in the spec (plain `ctr run`): the sandbox gets one of its own.
+            own_netns: net.is_none(),
         };
         let sandbox = match Sandbox::create(cfg).await {
             Ok(sb) => sb,
@@ -316,6 +329,16 @@ impl PodRuntime for VmRuntime {
                 return Err(e.into());
             }
         };
+        if let Some(net) = &net {
+            let joined = pod_network::attach(sandbox.agent(), net, c.timeouts.agent_call()).await;
+            if let Err(e) = joined {
+                if let Err(s) = sandbox.shutdown().await {
+                    tracing::warn!("sandbox shutdown: {s}");
+                }
+                remove_share(&share);
+                return Err(e.into());
+            }
+        }
         let pid = sandbox.vm().vmm_pid().unwrap_or(0) as u32;
         // The sandbox layer records the VM's processes; the share and the mounts in it are
         // ours. Recorded before anything else can fail: a shim killed from here on leaves a

@@ -50,6 +50,9 @@ pub enum SandboxError {
     State { path: PathBuf, message: String },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
+    /// Reading the pod's netns or joining it to the VM (netlink, tc).
+    #[error("pod network: {op}: {message}")]
+    Network { op: String, message: String },
     #[error("{0}")]
     Invalid(String),
 }

@@ -4,11 +4,14 @@
 //! - [`vm`]: the husk-vmm and virtiofsd processes, configured over the VMM's control API;
 //! - [`process`]: how those processes are owned (pidfds, a long-lived spawner thread);
 //! - [`network`]: network namespaces and taps in them, on dedicated threads;
+//! - [`pod_network`]: the pod's CNI interfaces joined to the VM's NICs (tc mirred) and
+//!   replayed to the agent;
 //! - [`state`]: what the sandbox made, on disk, for a cleanup from a fresh process;
 //! - this module: [`Sandbox`], which ties them to the agent ([`husk_agent_client::Agent`]).
 
 mod error;
 pub mod network;
+pub mod pod_network;
 pub mod process;
 pub mod state;
 pub mod vm;
@@ -35,6 +38,9 @@ pub struct SandboxConfig {
     pub vm: VmSpec,
     /// From VMM start to the agent answering.
     pub boot_timeout: Duration,
+    /// Make a network namespace of the sandbox's own (`<sandbox dir>/netns`), removed with
+    /// it: for a pod nobody gave one (`ctr run` without CNI). See [`Sandbox::netns`].
+    pub own_netns: bool,
 }
 
 /// A container of the sandbox, as the host knows it.
@@ -106,12 +112,18 @@ impl Sandbox {
         let root = run_root.to_path_buf();
         let spec = cfg.vm.clone();
         let id = cfg.id.clone();
+        let own_netns = cfg.own_netns;
         // Blocking work (process start, socket waits, the blocking API client) on a blocking
         // thread; the processes' lifetime is not tied to it (see `process`).
         let (state, vm) = tokio::task::spawn_blocking(move || -> Result<(StateFile, Vm)> {
             state::sweep_orphans(&root);
             let mut state = StateFile::create(&root, &id)?;
-            match Vm::launch(&spec, &mut state) {
+            let launched = if own_netns {
+                make_netns(&mut state)
+            } else {
+                Ok(())
+            };
+            match launched.and_then(|()| Vm::launch(&spec, &mut state)) {
                 Ok(vm) => Ok((state, vm)),
                 Err(e) => {
                     if let Err(c) = state::cleanup(&root, &id) {
@@ -176,6 +188,16 @@ impl Sandbox {
 
     pub fn vm(&self) -> &Vm {
         self.host.vm()
+    }
+
+    /// The network namespace the sandbox made ([`SandboxConfig::own_netns`]).
+    pub fn netns(&self) -> Option<&Path> {
+        let state = self.host.state.as_ref()?.state();
+        state
+            .netns
+            .as_ref()
+            .filter(|n| n.owned)
+            .map(|n| n.path.as_path())
     }
 
     /// The sandbox's directory (state, sockets, logs).
@@ -292,6 +314,19 @@ impl Sandbox {
         validate_id(id)?;
         state::cleanup(&paths::run_root(), id)
     }
+}
+
+/// Makes the sandbox's own network namespace, recorded first: a cleanup removes it even if
+/// making it fails half-way.
+fn make_netns(state: &mut StateFile) -> Result<()> {
+    let path = state.dir().join("netns");
+    state.update(|s| {
+        s.netns = Some(state::NetnsRecord {
+            path: path.clone(),
+            owned: true,
+        })
+    })?;
+    network::create_netns(&path)
 }
 
 /// Sandbox ids and share tags become file names: a safe alphabet and a bounded length (the

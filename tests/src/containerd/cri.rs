@@ -118,6 +118,19 @@ impl Cri {
         log_root: &Path,
         cgroup_parent: &str,
     ) -> Result<Pod> {
+        self.run_pod_with_ports(name, handler, log_root, cgroup_parent, Vec::new())
+            .await
+    }
+
+    /// [`Cri::run_pod`] with hostPort mappings (CNI's `portmap` sets them up).
+    pub async fn run_pod_with_ports(
+        &mut self,
+        name: &str,
+        handler: &str,
+        log_root: &Path,
+        cgroup_parent: &str,
+        port_mappings: Vec<cri::PortMapping>,
+    ) -> Result<Pod> {
         let log_dir = log_root.join(name);
         std::fs::create_dir_all(&log_dir).expect("create the pod log directory");
         let config = cri::PodSandboxConfig {
@@ -128,6 +141,7 @@ impl Cri {
                 attempt: 0,
             }),
             hostname: name.into(),
+            port_mappings,
             log_directory: log_dir.to_string_lossy().into_owned(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: cgroup_parent.into(),
@@ -247,6 +261,23 @@ impl Cri {
             .status
             .expect("PodSandboxStatus answered without a status");
         Ok(st.state == cri::PodSandboxState::SandboxReady as i32)
+    }
+
+    /// The pod's IP as CNI gave it (PodSandboxStatus `network.ip`).
+    pub async fn pod_ip(&mut self, pod_id: &str) -> Result<String> {
+        let r = call(
+            "PodSandboxStatus",
+            self.rt
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod_id.into(),
+                    verbose: false,
+                })
+                .await,
+        )?;
+        Ok(r.status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default())
     }
 
     /// ContainerStats of one container.

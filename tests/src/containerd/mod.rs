@@ -279,6 +279,42 @@ impl Containerd {
             .await
     }
 
+    /// [`Containerd::run_pod`] with hostPort mappings.
+    pub async fn run_pod_with_ports(
+        &self,
+        cri: &mut Cri,
+        name: &str,
+        handler: &str,
+        ports: Vec<k8s_cri::v1::PortMapping>,
+    ) -> cri::Result<Pod> {
+        cri.run_pod_with_ports(
+            name,
+            handler,
+            &self.layout.pod_logs,
+            &self.cgroup_parent(),
+            ports,
+        )
+        .await
+    }
+
+    /// The host's address on the test network (the bridge's, the pods' gateway: host-local
+    /// gives the subnet's first address to the gateway).
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        let net: std::net::Ipv4Addr = self
+            .network
+            .subnet
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("the test subnet is an IPv4 CIDR");
+        std::net::Ipv4Addr::from(u32::from(net) + 1)
+    }
+
+    /// The test subnet (`10.x.y.0/24`).
+    pub fn subnet(&self) -> &str {
+        &self.network.subnet
+    }
+
     /// The cgroup (in every v1 hierarchy, and cgroup2) that holds this containerd's pods.
     /// Without one, containerd 1.6 puts them under a shared `/k8s.io` that nobody removes.
     pub fn cgroup_parent(&self) -> String {

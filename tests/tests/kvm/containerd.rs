@@ -8,6 +8,8 @@ use husk_tests::containerd::{images, Containerd};
 
 /// OOM, a killed VMM or shim, stats/update/pause through CRI, cycles.
 mod failure;
+/// Pod networking: CNI IPs in the guests, pod-to-pod ping, a hostPort.
+mod network;
 /// `ctr run -t`.
 mod tty;
 

@@ -11,7 +11,9 @@ use husk_tests::leaks::Snapshot;
 use k8s_cri::v1 as cri;
 
 /// Runs `body` against a fresh containerd, then checks that the host is back where it was.
-fn with_containerd(body: impl AsyncFnOnce(&Containerd, &mut husk_tests::containerd::Cri)) {
+pub(super) fn with_containerd(
+    body: impl AsyncFnOnce(&Containerd, &mut husk_tests::containerd::Cri),
+) {
     husk_tests::require_kvm();
     let c = Containerd::start();
     let before = c.host_state();
@@ -26,7 +28,7 @@ fn with_containerd(body: impl AsyncFnOnce(&Containerd, &mut husk_tests::containe
     vm_before.assert_nothing_leaked();
 }
 
-fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+pub(super) fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
 }
 
