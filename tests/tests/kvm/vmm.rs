@@ -254,23 +254,12 @@ fn net_guest_pings_the_host_end_of_its_tap() {
 #[test]
 fn fs_share_reads_and_writes_host_files() {
     husk_tests::require_kvm();
-    let virtiofsd =
-        husk_vmm_api::virtiofsd_path().expect("virtiofsd is missing: run scripts/setup");
     let d = tmpdir("fs");
     let share = d.join("share");
     std::fs::create_dir_all(&share).unwrap();
     std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
     let sock = d.join("vfs.sock");
-    let mut vfsd = Command::new(virtiofsd)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--shared-dir")
-        .arg(&share)
-        .args(["--sandbox", "none", "--cache", "never"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut vfsd = spawn_virtiofsd(&share, &sock);
     let o = vmm_proc::run(
         "fs",
         "",
@@ -286,6 +275,22 @@ fn fs_share_reads_and_writes_host_files() {
         "written by the guest\n"
     );
     std::fs::remove_dir_all(d).unwrap();
+}
+
+/// virtiofsd serving `share` on `sock`, as the tests need it (no sandbox, no cache).
+fn spawn_virtiofsd(share: &Path, sock: &Path) -> std::process::Child {
+    let virtiofsd =
+        husk_vmm_api::virtiofsd_path().expect("virtiofsd is missing: run scripts/setup");
+    Command::new(virtiofsd)
+        .arg("--socket-path")
+        .arg(sock)
+        .arg("--shared-dir")
+        .arg(share)
+        .args(["--sandbox", "none", "--cache", "never"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 fn vms_boot_concurrently(n: usize) {

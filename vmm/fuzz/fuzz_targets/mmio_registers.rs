@@ -3,10 +3,10 @@
 #![no_main]
 use std::sync::{Arc, Mutex};
 
-use vmm::devices::virtio::mmio::MmioTransport;
-use vmm::devices::virtio::rng::Rng;
 use husk_vmm_fuzz::guest_memory;
 use libfuzzer_sys::fuzz_target;
+use vmm::devices::virtio::mmio::MmioTransport;
+use vmm::devices::virtio::rng::Rng;
 
 fuzz_target!(|data: &[u8]| {
     let mem = guest_memory(&[]);

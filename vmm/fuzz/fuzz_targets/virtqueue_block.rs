@@ -3,9 +3,9 @@
 #![no_main]
 use std::sync::OnceLock;
 
-use vmm::devices::virtio::block::Block;
-use husk_vmm_fuzz::{guest_memory, run_device};
+use husk_vmm_fuzz::{guest_memory, queue_size_and_rest, run_device};
 use libfuzzer_sys::fuzz_target;
+use vmm::devices::virtio::block::Block;
 
 fn disk() -> &'static std::path::Path {
     static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
@@ -19,11 +19,9 @@ fn disk() -> &'static std::path::Path {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&size_sel, rest)) = data.split_first() else {
+    let Some((size, sel, rest)) = queue_size_and_rest(data) else {
         return;
     };
-    let mem = guest_memory(rest);
-    let size = 1u16 << (size_sel % 9);
-    let blk = Block::new(disk(), size_sel & 0x80 != 0).unwrap();
-    run_device(blk, &mem, 1, size);
+    let blk = Block::new(disk(), sel & 0x80 != 0).unwrap();
+    run_device(blk, &guest_memory(rest), 1, size);
 });

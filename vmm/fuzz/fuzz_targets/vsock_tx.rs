@@ -1,16 +1,15 @@
 //! virtio-vsock packets the guest sends: any header (ops, ports, lengths, credit), any chain,
 //! through the muxer (connection requests to host ports nobody listens on, RSTs, data).
 #![no_main]
-use vmm::devices::virtio::vsock::Vsock;
-use husk_vmm_fuzz::{guest_memory, run_device};
+use husk_vmm_fuzz::{guest_memory, queue_size_and_rest, run_device};
 use libfuzzer_sys::fuzz_target;
+use vmm::devices::virtio::vsock::Vsock;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&size_sel, rest)) = data.split_first() else {
+    let Some((size, _, rest)) = queue_size_and_rest(data) else {
         return;
     };
     let mem = guest_memory(rest);
-    let size = 1u16 << (size_sel % 9);
     let dir = std::env::temp_dir().join(format!("husk-fuzz-vsock-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let uds = dir.join("v.sock");

@@ -4,14 +4,20 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vmm::devices::virtio::{Activation, GuestMemory, IrqTrigger, Queue, QueueT, VirtioDevice};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::devices::virtio::{Activation, GuestMemory, IrqTrigger, Queue, QueueT, VirtioDevice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest memory size: small, so random addresses often land inside it.
 pub const MEM_SIZE: usize = 0x1_0000;
 /// Where each queue's rings sit: descriptors, then the available and used rings.
 const RING_STRIDE: u64 = 0x400;
+
+/// A queue size (a power of two up to 256) from the input's first byte, and the rest.
+pub fn queue_size_and_rest(data: &[u8]) -> Option<(u16, u8, &[u8])> {
+    let (&sel, rest) = data.split_first()?;
+    Some((1u16 << (sel % 9), sel, rest))
+}
 
 /// Guest memory holding `data` from address 0 (the rest zero).
 pub fn guest_memory(data: &[u8]) -> GuestMemory {
@@ -46,7 +52,9 @@ where
     let dev = Arc::new(Mutex::new(dev));
     let mut em = EventManager::<Arc<Mutex<D>>>::new().unwrap();
     em.add_subscriber(dev.clone());
-    let evts: Vec<EventFd> = (0..queues).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+    let evts: Vec<EventFd> = (0..queues)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
     let kicks: Vec<EventFd> = evts.iter().map(|e| e.try_clone().unwrap()).collect();
     let activated = dev.lock().unwrap().activate(Activation {
         mem: mem.clone(),

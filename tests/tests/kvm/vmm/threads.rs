@@ -1,7 +1,6 @@
 //! Every thread of a running VMM is under a seccomp filter: main, vCPUs, the disk's I/O
 //! thread and virtio-fs's watchdog (the kernel's own view, `/proc/<pid>/task/*/status`).
 use std::io::{BufRead, BufReader, Read};
-use std::process::Command;
 
 use super::tmpdir;
 
@@ -27,22 +26,11 @@ fn thread_modes(pid: u32) -> Vec<(String, String)> {
 #[test]
 fn every_vmm_thread_runs_under_seccomp() {
     husk_tests::require_kvm();
-    let virtiofsd =
-        husk_vmm_api::virtiofsd_path().expect("virtiofsd is missing: run scripts/setup");
     let d = tmpdir("threads");
     let share = d.join("share");
     std::fs::create_dir_all(&share).unwrap();
     let sock = d.join("vfs.sock");
-    let mut vfsd = Command::new(virtiofsd)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--shared-dir")
-        .arg(&share)
-        .args(["--sandbox", "none", "--cache", "never"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut vfsd = super::spawn_virtiofsd(&share, &sock);
     let disk = d.join("disk.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 20))
