@@ -94,6 +94,7 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
         hostname: "husk".into(),
         vm: opts.vm,
         boot_timeout: opts.boot_timeout,
+        cgroups_path: None,
     })
     .await?;
     let spec = spec::default_spec(&args, &opts.env, false);

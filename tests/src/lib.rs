@@ -321,6 +321,7 @@ pub mod pod {
             hostname: hostname.into(),
             vm: spec.clone(),
             boot_timeout: Duration::from_secs(180),
+            cgroups_path: None,
         })
         .await
         .unwrap_or_else(|e| panic!("create the sandbox: {e}"));

@@ -23,7 +23,9 @@ use tokio::sync::Mutex;
 
 use super::error::{Error, Result};
 use super::pod_spec;
-use super::runtime::{ContainerRequest, ExecRequest, ExitStatus, PodRuntime, SandboxRequest};
+use super::runtime::{
+    ContainerRequest, ExecRequest, ExitStatus, OomEvent, PodRuntime, SandboxRequest,
+};
 use super::sandbox_state::{self, SandboxState};
 use super::stdio::ProcessIo;
 use crate::sandbox::vm::{ShareSpec, VmSpec};
@@ -308,6 +310,7 @@ impl PodRuntime for VmRuntime {
             hostname: req.spec["hostname"].as_str().unwrap_or("").to_string(),
             vm: spec,
             boot_timeout: c.timeouts.agent_connect(),
+            cgroups_path: req.spec["linux"]["cgroupsPath"].as_str().map(str::to_string),
         };
         let sandbox = match Sandbox::create(cfg).await {
             Ok(sb) => sb,
@@ -436,7 +439,10 @@ impl PodRuntime for VmRuntime {
         } else {
             r.exit_status as u32
         };
-        Ok(ExitStatus { code })
+        Ok(ExitStatus {
+            code,
+            oom_seq: r.oom_seq,
+        })
     }
 
     async fn kill(&self, container: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
@@ -564,7 +570,7 @@ impl PodRuntime for VmRuntime {
         Ok(any)
     }
 
-    async fn oom_event(&self) -> Result<String> {
+    async fn oom_event(&self) -> Result<OomEvent> {
         let (agent, _) = self.agent().await?;
         // No deadline: the call returns when an OOM happens, or fails when the VM goes.
         let ev = agent
@@ -575,7 +581,10 @@ impl PodRuntime for VmRuntime {
             )
             .await
             .map_err(|e| agent_err("GetOOMEvent", e))?;
-        Ok(ev.container_id)
+        Ok(OomEvent {
+            container: ev.container_id,
+            seq: ev.seq,
+        })
     }
 
     async fn pids(&self, container: &str) -> Result<Vec<u32>> {

@@ -50,6 +50,8 @@ pub enum SandboxError {
     State { path: PathBuf, message: String },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
+    #[error("host cgroup: {0}")]
+    Cgroup(String),
     #[error("{0}")]
     Invalid(String),
 }

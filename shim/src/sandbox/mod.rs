@@ -5,9 +5,11 @@
 //! - [`process`]: how those processes are owned (pidfds, a long-lived spawner thread);
 //! - [`network`]: network namespaces and taps in them, on dedicated threads;
 //! - [`state`]: what the sandbox made, on disk, for a cleanup from a fresh process;
+//! - [`host_cgroup`]: the pod's cgroup on the host, holding the owner and the VM's processes;
 //! - this module: [`Sandbox`], which ties them to the agent ([`husk_agent_client::Agent`]).
 
 mod error;
+pub mod host_cgroup;
 pub mod network;
 pub mod process;
 pub mod state;
@@ -35,6 +37,9 @@ pub struct SandboxConfig {
     pub vm: VmSpec,
     /// From VMM start to the agent answering.
     pub boot_timeout: Duration,
+    /// The OCI `linux.cgroupsPath` of the pod: when set, this process, husk-vmm and
+    /// virtiofsd run in that host cgroup ([`host_cgroup`]).
+    pub cgroups_path: Option<String>,
 }
 
 /// A container of the sandbox, as the host knows it.
@@ -106,12 +111,27 @@ impl Sandbox {
         let root = run_root.to_path_buf();
         let spec = cfg.vm.clone();
         let id = cfg.id.clone();
+        let cgroups_path = cfg.cgroups_path.clone().filter(|p| !p.is_empty());
         // Blocking work (process start, socket waits, the blocking API client) on a blocking
         // thread; the processes' lifetime is not tied to it (see `process`).
         let (state, vm) = tokio::task::spawn_blocking(move || -> Result<(StateFile, Vm)> {
             state::sweep_orphans(&root);
             let mut state = StateFile::create(&root, &id)?;
-            match Vm::launch(&spec, &mut state) {
+            let launched = match &cgroups_path {
+                // The VMM and virtiofsd are born in the cgroup: we enter it first. A host
+                // that cannot run VMs says so before anything about its cgroups.
+                Some(p) => husk_vmm_api::check::check_host()
+                    .map_err(|e| SandboxError::NoKvm(e.to_string()))
+                    .and_then(|()| {
+                        host_cgroup::enter_pod_cgroup(p, |rec| {
+                            state.update(|s| s.cgroup = Some(rec.clone()))
+                        })
+                    })
+                    .map(drop),
+                None => Ok(()),
+            }
+            .and_then(|()| Vm::launch(&spec, &mut state));
+            match launched {
                 Ok(vm) => Ok((state, vm)),
                 Err(e) => {
                     if let Err(c) = state::cleanup(&root, &id) {
