@@ -13,11 +13,11 @@ use crate::error::{AgentError, Result};
 use crate::helper::HelperRequest;
 use crate::ids::{self, validate_exec_id, validate_id};
 use crate::net::Net;
+use crate::oom::OomEvents;
 use crate::process::{self, PendingIo, Process};
 use crate::reaper::{ExitInfo, Reaper};
 use crate::runtime::{ChildStdio, Runtime, RuntimeError};
 use crate::sandbox::{self, Sandbox};
-use crate::oom::OomEvents;
 use crate::{cgroups, spec};
 use husk_proto::agent as pb;
 

@@ -20,11 +20,11 @@ use tokio::sync::Mutex;
 use super::config::Config;
 use super::error::{Error, Result};
 use super::events::Publisher;
+use super::oom_order::{OomOrder, OOM_WAIT};
 use super::options::RuntimeOptions;
+use super::runtime::OomEvent;
 use super::runtime::{ContainerRequest, ExecRequest, PodRuntime, RootfsMount, SandboxRequest};
 use super::stdio::{Pumps, StdioPaths};
-use super::oom_order::{OomOrder, OOM_WAIT};
-use super::runtime::OomEvent;
 use super::tasks::{kind_of, Container, Exit, Kind, Process, Tasks};
 
 /// How long a process's output may take to reach EOF after the process exited before its

@@ -310,7 +310,9 @@ impl PodRuntime for VmRuntime {
             hostname: req.spec["hostname"].as_str().unwrap_or("").to_string(),
             vm: spec,
             boot_timeout: c.timeouts.agent_connect(),
-            cgroups_path: req.spec["linux"]["cgroupsPath"].as_str().map(str::to_string),
+            cgroups_path: req.spec["linux"]["cgroupsPath"]
+                .as_str()
+                .map(str::to_string),
         };
         let sandbox = match Sandbox::create(cfg).await {
             Ok(sb) => sb,

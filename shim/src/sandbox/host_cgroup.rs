@@ -115,7 +115,8 @@ pub fn parse_cgroups_path(cgroups_path: &str) -> Result<PathBuf> {
 /// The cgroup directory of process `pid` (`"self"` for ours) in the hierarchy at `mount`.
 pub fn cgroup_of(mount: &Path, pid: &str) -> Result<PathBuf> {
     let file = format!("/proc/{pid}/cgroup");
-    let text = fs::read_to_string(&file).map_err(|e| SandboxError::io(format!("read {file}"), e))?;
+    let text =
+        fs::read_to_string(&file).map_err(|e| SandboxError::io(format!("read {file}"), e))?;
     let rel = text
         .lines()
         .find_map(|l| l.strip_prefix("0::"))

@@ -63,7 +63,11 @@ fn the_shim_vmm_and_virtiofsd_run_in_the_pods_cgroup_under_its_parent() {
             .chain(vmms.iter().map(|p| ("husk-vmm", *p)))
             .chain(virtiofsds.iter().map(|p| ("virtiofsd", *p)))
         {
-            assert_eq!(cgroup_of(pid), want, "{what} [{pid}] is not in the pod's cgroup");
+            assert_eq!(
+                cgroup_of(pid),
+                want,
+                "{what} [{pid}] is not in the pod's cgroup"
+            );
         }
         // The pod's overhead is accounted there: its ancestors enabled the memory
         // controller for it, and the VMM's guest memory counts.
