@@ -1,12 +1,11 @@
 //! The agent's operations, independent of the transport: the ttrpc services call these.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use oci_spec::runtime::{LinuxNamespaceType, LinuxResources};
-use tokio::sync::Notify;
 
 use crate::config::{Config, Mode};
 use crate::container::Container;
@@ -14,6 +13,7 @@ use crate::error::{AgentError, Result};
 use crate::helper::HelperRequest;
 use crate::ids::{self, validate_exec_id, validate_id};
 use crate::net::Net;
+use crate::oom::OomEvents;
 use crate::process::{self, PendingIo, Process};
 use crate::reaper::{ExitInfo, Reaper};
 use crate::runtime::{ChildStdio, Runtime, RuntimeError};
@@ -38,8 +38,7 @@ pub struct Agent {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Ids being created, so two CreateContainer calls cannot race for one id.
     creating: Mutex<HashSet<String>>,
-    oom_events: Mutex<VecDeque<String>>,
-    oom_notify: Notify,
+    oom: OomEvents,
     /// Netlink connection to the sandbox's network namespace, opened on first use.
     net: tokio::sync::Mutex<Option<Arc<Net>>>,
 }
@@ -91,8 +90,7 @@ impl Agent {
             sandbox: tokio::sync::Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
-            oom_events: Mutex::new(VecDeque::new()),
-            oom_notify: Notify::new(),
+            oom: OomEvents::new(),
             net: tokio::sync::Mutex::new(None),
         }))
     }
@@ -459,9 +457,15 @@ impl Agent {
         Ok(())
     }
 
-    pub async fn wait_process(&self, cid: &str, exec_id: &str) -> Result<ExitInfo> {
+    /// Waits for a process to exit; also returns the OOM event sequence number after its
+    /// container's cgroup was checked for OOM kills (see [`crate::oom`]).
+    pub async fn wait_process(&self, cid: &str, exec_id: &str) -> Result<(ExitInfo, u64)> {
         let p = self.process(cid, exec_id)?;
-        p.wait().await
+        let exit = p.wait().await?;
+        if let Ok(c) = self.container(cid) {
+            self.oom.check(cid, &c.cgroup_path);
+        }
+        Ok((exit, self.oom.seq()))
     }
 
     pub async fn remove_container(&self, cid: &str, timeout_ms: u32) -> Result<()> {
@@ -500,6 +504,7 @@ impl Agent {
         .await?;
         let _ = std::fs::remove_dir_all(&c.bundle);
         self.containers.lock().expect("containers lock").remove(cid);
+        self.oom.forget(cid);
         if let Some(s) = self.sandbox.lock().await.as_mut() {
             if s.first.as_ref().is_some_and(|f| f.0 == cid) {
                 s.first = None;
@@ -589,9 +594,8 @@ impl Agent {
     fn watch_oom(self: &Arc<Self>, c: &Arc<Container>) {
         let weak_c: Weak<Container> = Arc::downgrade(c);
         let weak_a: Weak<Agent> = Arc::downgrade(self);
-        let path = c.cgroup_path.clone();
+        self.oom.watch(&c.id, &c.cgroup_path);
         tokio::spawn(async move {
-            let mut seen = cgroups::oom_kills(&path).unwrap_or(0);
             loop {
                 tokio::time::sleep(OOM_POLL).await;
                 let (Some(c), Some(a)) = (weak_c.upgrade(), weak_a.upgrade()) else {
@@ -605,29 +609,14 @@ impl Agent {
                 {
                     break;
                 }
-                let now = cgroups::oom_kills(&path).unwrap_or(seen);
-                if now > seen {
-                    tracing::warn!(container = %c.id, kills = now - seen, "OOM kill in container");
-                    a.oom_events
-                        .lock()
-                        .expect("oom lock")
-                        .push_back(c.id.clone());
-                    a.oom_notify.notify_one();
-                    seen = now;
-                }
+                a.oom.check(&c.id, &c.cgroup_path);
             }
         });
     }
 
-    /// Waits for the next OOM event.
-    pub async fn next_oom_event(&self) -> String {
-        loop {
-            let notified = self.oom_notify.notified();
-            if let Some(id) = self.oom_events.lock().expect("oom lock").pop_front() {
-                return id;
-            }
-            notified.await;
-        }
+    /// Waits for the next OOM event: its sequence number and container.
+    pub async fn next_oom_event(&self) -> (u64, String) {
+        self.oom.next().await
     }
 
     // ---- network ---------------------------------------------------------------------

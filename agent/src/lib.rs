@@ -14,6 +14,7 @@ pub mod helper;
 pub mod ids;
 pub mod init;
 pub mod net;
+pub mod oom;
 pub mod process;
 pub mod reaper;
 pub mod runtime;

@@ -121,13 +121,14 @@ impl svc::Containers for Services {
         _: &TtrpcContext,
         req: pb::ProcessRequest,
     ) -> R<pb::WaitProcessResponse> {
-        let e = log(
+        let (e, oom_seq) = log(
             "WaitProcess",
             self.agent
                 .wait_process(&req.container_id, &req.exec_id)
                 .await,
         )?;
         let mut r = pb::WaitProcessResponse::new();
+        r.oom_seq = oom_seq;
         r.exit_status = e.status;
         r.signal = e.signal;
         r.exited_at_unix_nanos =
@@ -281,7 +282,7 @@ impl Services {
 impl svc::Events for Services {
     async fn get_oom_event(&self, _: &TtrpcContext, _: pb::Empty) -> R<pb::OOMEvent> {
         let mut r = pb::OOMEvent::new();
-        r.container_id = self.agent.next_oom_event().await;
+        (r.seq, r.container_id) = self.agent.next_oom_event().await;
         Ok(r)
     }
 }

@@ -95,6 +95,7 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
         vm: opts.vm,
         boot_timeout: opts.boot_timeout,
         own_netns: false,
+        cgroups_path: None,
     })
     .await?;
     let spec = spec::default_spec(&args, &opts.env, false);

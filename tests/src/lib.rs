@@ -323,6 +323,7 @@ pub mod pod {
             vm: spec.clone(),
             boot_timeout: Duration::from_secs(180),
             own_netns: false,
+            cgroups_path: None,
         })
         .await
         .unwrap_or_else(|e| panic!("create the sandbox: {e}"));

@@ -267,16 +267,17 @@ fn is_our_shim(pid: i32) -> bool {
     }
 }
 
-/// Removes everything a dead shim's sandbox left: the share mounts and the share this shim
-/// made ([`super::sandbox_state`]'s file), then the VM's processes, taps, netns and directory
-/// from the sandbox layer's state (`/run/husk/sandbox/<id>/state.json`). Nothing to do
+/// Removes everything a dead shim's sandbox left: the VM's processes, taps, netns, host
+/// cgroup and directory from the sandbox layer's state (`/run/husk/sandbox/<id>/state.json`),
+/// then the share mounts and the share this shim made ([`super::sandbox_state`]'s file).
+/// In that order: the latter removes the former's directory, state included. Nothing to do
 /// after a clean teardown (neither exists).
 pub fn cleanup_sandbox_state(namespace: &str, sandbox_id: &str) {
-    super::sandbox_state::cleanup(&super::sandbox_state::path(namespace, sandbox_id));
     let id = super::vm_runtime::sandbox_vm_id(sandbox_id);
     if let Err(e) = crate::sandbox::Sandbox::cleanup_from_state(&id) {
         tracing::warn!(%namespace, %sandbox_id, "clean up the sandbox from its state: {e}");
     }
+    super::sandbox_state::cleanup(&super::sandbox_state::path(namespace, sandbox_id));
 }
 
 /// Writes a DeleteResponse to stdout as containerd reads it (raw protobuf).

@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod oom_order;
 pub mod options;
 pub mod pod_spec;
 pub mod runtime;

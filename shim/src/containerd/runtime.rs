@@ -72,6 +72,18 @@ pub struct ExecRequest {
 pub struct ExitStatus {
     /// The exit code, or 128 + signal; 255 when the VM died under it.
     pub code: u32,
+    /// The sequence number of the last OOM event the guest had queued when it reported the
+    /// exit (0: none): those are published before the exit ([`super::oom_order`]).
+    pub oom_seq: u64,
+}
+
+/// An OOM kill in the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OomEvent {
+    /// The container a process of which was OOM-killed.
+    pub container: String,
+    /// The guest's number for the event, counting from 1.
+    pub seq: u64,
 }
 
 /// The sandbox layer as the task service uses it. `exec_id` "" names a container's init
@@ -108,9 +120,9 @@ pub trait PodRuntime: Send + Sync + 'static {
     async fn update(&self, container: &str, resources_json: &[u8]) -> Result<()>;
     /// The container's cgroup v2 statistics as containerd's `io.containerd.cgroups.v2.Metrics`.
     async fn stats(&self, container: &str) -> Result<Any>;
-    /// Long poll: the id of the next container the guest kernel OOM-killed a process of.
-    /// Errors once the pod's VM is gone (the OOM watcher then ends).
-    async fn oom_event(&self) -> Result<String>;
+    /// Long poll: the next OOM kill in the guest. Errors once the pod's VM is gone (the OOM
+    /// watcher then ends).
+    async fn oom_event(&self) -> Result<OomEvent>;
     /// Pids of the container's processes (in the guest).
     async fn pids(&self, container: &str) -> Result<Vec<u32>>;
     /// Removes a container from the VM and unmounts its rootfs on the host; done before

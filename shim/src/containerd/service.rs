@@ -20,7 +20,9 @@ use tokio::sync::Mutex;
 use super::config::Config;
 use super::error::{Error, Result};
 use super::events::Publisher;
+use super::oom_order::{OomOrder, OOM_WAIT};
 use super::options::RuntimeOptions;
+use super::runtime::OomEvent;
 use super::runtime::{ContainerRequest, ExecRequest, PodRuntime, RootfsMount, SandboxRequest};
 use super::stdio::{Pumps, StdioPaths};
 use super::tasks::{kind_of, Container, Exit, Kind, Process, Tasks};
@@ -40,6 +42,8 @@ pub struct TaskService<R: PodRuntime> {
     config: Mutex<Option<Config>>,
     /// The pid containerd sees for every task: the VMM's, once the sandbox is up.
     pod_pid: Mutex<u32>,
+    /// Keeps TaskOOM before the TaskExit of the task it killed.
+    oom_order: Arc<OomOrder>,
 }
 
 pub(super) fn ttrpc_err(e: Error) -> ttrpc::Error {
@@ -70,6 +74,7 @@ impl<R: PodRuntime> TaskService<R> {
             exit,
             config: Mutex::new(config),
             pod_pid: Mutex::new(0),
+            oom_order: Arc::default(),
         }
     }
 
@@ -247,12 +252,13 @@ impl<R: PodRuntime> TaskService<R> {
         let runtime = self.runtime.clone();
         let tasks = self.tasks.clone();
         let publisher = self.publisher.clone();
+        let oom_order = self.oom_order.clone();
         tokio::spawn(async move {
-            let code = match runtime.wait(&id, &exec_id).await {
-                Ok(s) => s.code,
+            let (code, oom_seq) = match runtime.wait(&id, &exec_id).await {
+                Ok(s) => (s.code, s.oom_seq),
                 Err(e) => {
                     tracing::warn!(%id, %exec_id, "wait failed, reporting 255: {e}");
-                    255
+                    (255, 0)
                 }
             };
             let exit = Exit {
@@ -274,6 +280,10 @@ impl<R: PodRuntime> TaskService<R> {
                     tracing::warn!(%id, %exec_id, "output still open {DRAIN_GRACE:?} after exit; closing the FIFOs");
                 }
                 // Dropping the pumps closes every FIFO writer: containerd gets its EOF.
+            }
+            // An OOM kill that ended it is published first.
+            if !oom_order.wait_for(oom_seq, OOM_WAIT).await {
+                tracing::warn!(%id, %exec_id, oom_seq, "OOM events before this exit not published within {OOM_WAIT:?}");
             }
             let ts = exit.timestamp();
             if let Ok(p) = tasks
@@ -478,10 +488,11 @@ impl<R: PodRuntime> TaskService<R> {
         let runtime = self.runtime.clone();
         let tasks = self.tasks.clone();
         let publisher = self.publisher.clone();
+        let oom_order = self.oom_order.clone();
         tokio::spawn(async move {
             loop {
-                let id = match runtime.oom_event().await {
-                    Ok(id) => id,
+                let OomEvent { container: id, seq } = match runtime.oom_event().await {
+                    Ok(ev) => ev,
                     Err(e) => {
                         tracing::debug!("OOM watcher ends: {e}");
                         return;
@@ -489,15 +500,16 @@ impl<R: PodRuntime> TaskService<R> {
                 };
                 if tasks.lock().await.get(&id).is_err() {
                     tracing::debug!(%id, "OOM in a container containerd does not know");
-                    continue;
+                } else {
+                    tracing::info!(%id, "OOM kill in the guest");
+                    publisher
+                        .publish(ev::TaskOOM {
+                            container_id: id,
+                            ..Default::default()
+                        })
+                        .await;
                 }
-                tracing::info!(%id, "OOM kill in the guest");
-                publisher
-                    .publish(ev::TaskOOM {
-                        container_id: id,
-                        ..Default::default()
-                    })
-                    .await;
+                oom_order.published(seq);
             }
         });
     }

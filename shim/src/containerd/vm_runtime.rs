@@ -7,7 +7,7 @@
 //! same way. What the sandbox layer's state does not know (the share and the container
 //! mounts on the host) is kept in [`sandbox_state`]'s file, for a `delete` after the shim
 //! was killed. The pod's CNI network is carried into the VM by
-//! [`crate::sandbox::pod_network`]. Not yet: host cgroups.
+//! [`crate::sandbox::pod_network`]; the pod's host cgroup by [`crate::sandbox::host_cgroup`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +23,9 @@ use tokio::sync::Mutex;
 
 use super::error::{Error, Result};
 use super::pod_spec;
-use super::runtime::{ContainerRequest, ExecRequest, ExitStatus, PodRuntime, SandboxRequest};
+use super::runtime::{
+    ContainerRequest, ExecRequest, ExitStatus, OomEvent, PodRuntime, SandboxRequest,
+};
 use super::sandbox_state::{self, SandboxState};
 use super::stdio::ProcessIo;
 use crate::sandbox::pod_network;
@@ -321,6 +323,9 @@ impl PodRuntime for VmRuntime {
             boot_timeout: c.timeouts.agent_connect(),
             // No netns in the spec (plain `ctr run`): the sandbox gets one of its own.
             own_netns: net.is_none(),
+            cgroups_path: req.spec["linux"]["cgroupsPath"]
+                .as_str()
+                .map(str::to_string),
         };
         let sandbox = match Sandbox::create(cfg).await {
             Ok(sb) => sb,
@@ -459,7 +464,10 @@ impl PodRuntime for VmRuntime {
         } else {
             r.exit_status as u32
         };
-        Ok(ExitStatus { code })
+        Ok(ExitStatus {
+            code,
+            oom_seq: r.oom_seq,
+        })
     }
 
     async fn kill(&self, container: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
@@ -587,7 +595,7 @@ impl PodRuntime for VmRuntime {
         Ok(any)
     }
 
-    async fn oom_event(&self) -> Result<String> {
+    async fn oom_event(&self) -> Result<OomEvent> {
         let (agent, _) = self.agent().await?;
         // No deadline: the call returns when an OOM happens, or fails when the VM goes.
         let ev = agent
@@ -598,7 +606,10 @@ impl PodRuntime for VmRuntime {
             )
             .await
             .map_err(|e| agent_err("GetOOMEvent", e))?;
-        Ok(ev.container_id)
+        Ok(OomEvent {
+            container: ev.container_id,
+            seq: ev.seq,
+        })
     }
 
     async fn pids(&self, container: &str) -> Result<Vec<u32>> {

@@ -53,6 +53,8 @@ pub enum SandboxError {
     /// Reading the pod's netns or joining it to the VM (netlink, tc).
     #[error("pod network: {op}: {message}")]
     Network { op: String, message: String },
+    #[error("host cgroup: {0}")]
+    Cgroup(String),
     #[error("{0}")]
     Invalid(String),
 }

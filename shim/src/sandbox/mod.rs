@@ -7,9 +7,11 @@
 //! - [`pod_network`]: the pod's CNI interfaces joined to the VM's NICs (tc mirred) and
 //!   replayed to the agent;
 //! - [`state`]: what the sandbox made, on disk, for a cleanup from a fresh process;
+//! - [`host_cgroup`]: the pod's cgroup on the host, holding the owner and the VM's processes;
 //! - this module: [`Sandbox`], which ties them to the agent ([`husk_agent_client::Agent`]).
 
 mod error;
+pub mod host_cgroup;
 pub mod network;
 pub mod pod_network;
 pub mod process;
@@ -41,6 +43,9 @@ pub struct SandboxConfig {
     /// Make a network namespace of the sandbox's own (`<sandbox dir>/netns`), removed with
     /// it: for a pod nobody gave one (`ctr run` without CNI). See [`Sandbox::netns`].
     pub own_netns: bool,
+    /// The OCI `linux.cgroupsPath` of the pod: when set, this process, husk-vmm and
+    /// virtiofsd run in that host cgroup ([`host_cgroup`]).
+    pub cgroups_path: Option<String>,
 }
 
 /// A container of the sandbox, as the host knows it.
@@ -113,17 +118,33 @@ impl Sandbox {
         let spec = cfg.vm.clone();
         let id = cfg.id.clone();
         let own_netns = cfg.own_netns;
+        let cgroups_path = cfg.cgroups_path.clone().filter(|p| !p.is_empty());
         // Blocking work (process start, socket waits, the blocking API client) on a blocking
         // thread; the processes' lifetime is not tied to it (see `process`).
         let (state, vm) = tokio::task::spawn_blocking(move || -> Result<(StateFile, Vm)> {
             state::sweep_orphans(&root);
             let mut state = StateFile::create(&root, &id)?;
-            let launched = if own_netns {
+            let netns = if own_netns {
                 make_netns(&mut state)
             } else {
                 Ok(())
             };
-            match launched.and_then(|()| Vm::launch(&spec, &mut state)) {
+            let launched = netns
+                .and_then(|()| match &cgroups_path {
+                    // The VMM and virtiofsd are born in the cgroup: we enter it first. A host
+                    // that cannot run VMs says so before anything about its cgroups.
+                    Some(p) => husk_vmm_api::check::check_host()
+                        .map_err(|e| SandboxError::NoKvm(e.to_string()))
+                        .and_then(|()| {
+                            host_cgroup::enter_pod_cgroup(p, |rec| {
+                                state.update(|s| s.cgroup = Some(rec.clone()))
+                            })
+                        })
+                        .map(drop),
+                    None => Ok(()),
+                })
+                .and_then(|()| Vm::launch(&spec, &mut state));
+            match launched {
                 Ok(vm) => Ok((state, vm)),
                 Err(e) => {
                     if let Err(c) = state::cleanup(&root, &id) {

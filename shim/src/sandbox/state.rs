@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::host_cgroup::{self, CgroupRecord};
 use super::network;
 use super::process::{self, ProcessRef};
 use super::{Result, SandboxError};
@@ -58,6 +59,9 @@ pub struct SandboxState {
     pub mounts: Vec<PathBuf>,
     pub taps: Vec<TapRecord>,
     pub netns: Option<NetnsRecord>,
+    /// The pod's host cgroup (removed once its processes are gone).
+    #[serde(default)]
+    pub cgroup: Option<CgroupRecord>,
 }
 
 /// The sandbox directories' parent under a run root.
@@ -99,6 +103,7 @@ impl StateFile {
                 mounts: Vec::new(),
                 taps: Vec::new(),
                 netns: None,
+                cgroup: None,
             },
         };
         file.save()?;
@@ -191,6 +196,12 @@ pub fn cleanup(run_root: &Path, id: &str) -> Result<()> {
         }
         if let Some(ns) = state.netns.as_ref().filter(|ns| ns.owned) {
             if let Err(e) = network::remove_netns(&ns.path) {
+                failures.push(e.to_string());
+            }
+        }
+        // Last: its processes are dead by now (or draining out of it).
+        if let Some(cg) = &state.cgroup {
+            if let Err(e) = host_cgroup::remove(cg, host_cgroup::DRAIN_TIMEOUT) {
                 failures.push(e.to_string());
             }
         }

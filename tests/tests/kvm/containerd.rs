@@ -6,6 +6,8 @@ use std::time::Duration;
 use husk_tests::containerd::cri::wait_log_line;
 use husk_tests::containerd::{images, Containerd};
 
+/// The pod's host cgroup under its CRI cgroup parent.
+mod cgroup;
 /// OOM, a killed VMM or shim, stats/update/pause through CRI, cycles.
 mod failure;
 /// Pod networking: CNI IPs in the guests, pod-to-pod ping, a hostPort.
@@ -47,6 +49,15 @@ fn ctr_run_with_the_husk_runtime_prints_hi() {
         "stderr: {stderr}"
     );
     before.assert_back_to(|| c.host_state());
+    // The container's host cgroup (`/<namespace>/husk-hi` from ctr) went with it.
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("husk-hi"))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(cgroups.is_empty(), "host cgroups left: {cgroups:?}");
     let swept = c.stop();
     assert!(swept.is_empty(), "the harness had to sweep: {swept:?}");
     // After stop: the CNI bridge of the first pod is gone only then.

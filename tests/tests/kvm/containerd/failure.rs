@@ -42,10 +42,74 @@ fn with_memory_limit(bytes: i64) -> cri::LinuxContainerConfig {
     }
 }
 
+/// containerd's event stream (`ctr events`), collected line by line from a background
+/// thread until dropped.
+struct EventStream {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventStream {
+    /// Subscribes, and returns once the subscription is known to be live (an event we
+    /// cause, a namespace label update, came through).
+    async fn subscribe(c: &Containerd) -> EventStream {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("/usr/bin/ctr")
+            .arg("-a")
+            .arg(c.socket())
+            .arg("events")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ctr events");
+        let out = child.stdout.take().expect("ctr events' stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                l.lock().unwrap().push(line);
+            }
+        });
+        let s = EventStream {
+            child,
+            lines,
+            reader: Some(reader),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in 0.. {
+            let out = c.ctr(&["namespaces", "label", "k8s.io", &format!("husk-probe={n}")]);
+            assert!(out.status.success(), "ctr namespaces label: {out:?}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if s.lines().iter().any(|l| l.contains("/namespaces/update")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ctr events saw nothing in 30 s");
+        }
+        s
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
 #[test]
 fn a_memory_limit_oom_kills_in_the_guest_and_cri_says_oomkilled() {
     with_containerd(async |c, cri| {
         let pod = ok(c.run_pod(cri, "oom-pod", HANDLER_KATA).await);
+        let events = EventStream::subscribe(c).await;
         let id = ok(cri
             .run_container_with(
                 &pod,
@@ -66,8 +130,8 @@ fn a_memory_limit_oom_kills_in_the_guest_and_cri_says_oomkilled() {
         .await;
         let st = ok(cri.wait_exited(&id, Duration::from_secs(60)).await);
         assert_eq!(st.exit_code, 137, "dd is SIGKILLed: {st:?}");
-        // TaskOOM and TaskExit are separate events; CRI sets the reason when it handles
-        // TaskOOM, which may come just after the exit.
+        // CRI sets the reason when it handles TaskOOM (asynchronously to the exit's
+        // handling, so ContainerStatus may lag behind it a little).
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut st = st;
         while st.reason != "OOMKilled" {
@@ -78,6 +142,29 @@ fn a_memory_limit_oom_kills_in_the_guest_and_cri_says_oomkilled() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             st = ok(cri.container_status(&id).await);
         }
+        // containerd's order: TaskOOM before the TaskExit of the task it killed.
+        let lines = events.lines();
+        let of_hog: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.contains(&format!("\"container_id\":\"{id}\"")))
+            .filter_map(|l| {
+                if l.contains("/tasks/oom") {
+                    Some("oom")
+                } else if l.contains("/tasks/exit") {
+                    Some("exit")
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(
+            of_hog.first(),
+            Some(&"oom"),
+            "TaskOOM must come before TaskExit: {of_hog:?}\n{}",
+            lines.join("\n")
+        );
+        assert!(of_hog.contains(&"exit"), "no TaskExit: {of_hog:?}");
+        drop(events);
         ok(cri.stop_remove_pod(&pod.id).await);
     });
 }
