@@ -34,6 +34,16 @@ impl Runtime {
             containers,
         }
     }
+
+    /// Stops the pod's containers, then the pod: its shim exits only once it holds no task
+    /// but the sandbox. Shared by StopPodSandbox and RemovePodSandbox (which stops first).
+    async fn stop_pod_and_containers(&self, id: &str) -> Result<(), Status> {
+        self.containers
+            .stop_pod(id)
+            .await
+            .map_err(container_status_code)?;
+        self.pods.stop(id).await.map_err(pod_status)
+    }
 }
 
 /// CRI's pod config in the pod layer's terms.
@@ -217,12 +227,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
-        // Containers first: the pod's shim exits only once it holds no task but the sandbox.
-        self.containers
-            .stop_pod(&id)
-            .await
-            .map_err(container_status_code)?;
-        self.pods.stop(&id).await.map_err(pod_status)?;
+        self.stop_pod_and_containers(&id).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -231,11 +236,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
-        self.containers
-            .stop_pod(&id)
-            .await
-            .map_err(container_status_code)?;
-        self.pods.stop(&id).await.map_err(pod_status)?;
+        self.stop_pod_and_containers(&id).await?;
         self.containers
             .remove_pod(&id)
             .await
