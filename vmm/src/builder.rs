@@ -53,6 +53,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     pub tap_fds: Vec<OwnedFd>,
     pub entropy: EntropyConfig,
+    /// The directory the VMM will be jailed in (canonical), if any: paths the VM uses after
+    /// start are resolved inside it.
+    pub jail_dir: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -69,6 +72,7 @@ impl Default for VmConfig {
             nets: vec![],
             fs: vec![],
             vsock: None,
+            jail_dir: None,
             tap_fds: vec![],
         }
     }
@@ -288,8 +292,11 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
         devices.add(Arc::new(Mutex::new(d)))?;
     }
     if let Some(v) = &cfg.vsock {
-        let d = vsock::Vsock::new(v.guest_cid, &v.uds_path)
+        let mut d = vsock::Vsock::new(v.guest_cid, &v.uds_path)
             .map_err(|e| dev_err(format!("vsock {}", v.uds_path.display()), e))?;
+        if let Some(jail) = &cfg.jail_dir {
+            d = d.jailed_in(jail);
+        }
         devices.add(Arc::new(Mutex::new(d)))?;
         cleanup_paths.push(v.uds_path.clone());
     }

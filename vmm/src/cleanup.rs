@@ -8,6 +8,13 @@
 //! files the VMM created, by inode) and exits. Between fork and exit the helper only calls
 //! async-signal-safe functions on memory it owns, and it closes every other fd it inherited,
 //! so it keeps nothing of the VMM's alive.
+//!
+//! A jailed VMM runs as PID 1 of a PID namespace of its own ([`spawn_in_new_pid_namespace`]):
+//! there the roles swap. The process the parent started stays outside as the helper, and its
+//! forked child, the first process of the new namespace, goes on as the VMM. When the VMM
+//! ends the helper removes the files, then leaves with the VMM's exit status (or dies by its
+//! signal), so whoever started `husk-vmm` sees the VMM's end as before; and if the helper is
+//! killed, the kernel kills the VMM (`PR_SET_PDEATHSIG`).
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -31,12 +38,15 @@ pub enum CleanupError {
     },
     #[error("the cleanup helper cannot hold {0}: its {HELPER_BUF}-byte list is full")]
     Full(String),
+    #[error("cannot create a PID namespace for the VMM: {0}")]
+    PidNamespace(std::io::Error),
 }
 
 /// Held by the VMM for its whole life; dropping it (or dying) triggers the cleanup.
 pub struct CleanupGuard {
     write_end: OwnedFd,
-    pub helper_pid: libc::pid_t,
+    /// The helper, when it is our child (not when it is our parent, in a PID namespace).
+    pub helper_pid: Option<libc::pid_t>,
     sent: usize,
 }
 
@@ -56,12 +66,77 @@ pub fn spawn() -> Result<CleanupGuard, CleanupError> {
     match pid {
         -1 => Err(CleanupError::Fork(std::io::Error::last_os_error())),
         // SAFETY: see above; `helper_main` never returns.
-        0 => unsafe { helper_main(read_end.as_raw_fd()) },
+        0 => unsafe { helper_main(read_end.as_raw_fd(), None) },
         pid => Ok(CleanupGuard {
             write_end,
-            helper_pid: pid,
+            helper_pid: Some(pid),
             sent: 0,
         }),
+    }
+}
+
+/// Exit status a VMM that is PID 1 uses for "killed by SIGSYS": the kernel does not deliver
+/// a signal a namespace's init sends itself, so the seccomp report exits with it instead and
+/// the helper turns it back into death by SIGSYS.
+pub const SIGSYS_EXIT: i32 = 128 + libc::SIGSYS;
+
+/// Moves the VMM into a new PID namespace as its PID 1; the calling process stays outside as
+/// the cleanup helper (see the module docs). Returns in the VMM only. Call it first thing,
+/// while the process has one thread, and before guest memory exists.
+pub fn spawn_in_new_pid_namespace() -> Result<CleanupGuard, CleanupError> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(CleanupError::Pipe(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds are fresh and owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Opened before the fork, on ourselves: the child's way to see whether we still live once
+    // its death signal is armed (a parent that died before that would leave it running).
+    // SAFETY: pidfd_open on our own pid; the result is checked and owned.
+    let parent = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if parent < 0 {
+        return Err(CleanupError::Fork(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let parent = unsafe { OwnedFd::from_raw_fd(parent as libc::c_int) };
+    // SAFETY: unshare only changes where our future children go.
+    if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        return Err(CleanupError::PidNamespace(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the process is single-threaded (the caller's contract); the parent only runs
+    // async-signal-safe code from here (`helper_main`) and never returns.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(CleanupError::Fork(std::io::Error::last_os_error())),
+        0 => {
+            // SAFETY: prctl with an integer argument; poll on a live pollfd.
+            let orphaned = unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                let mut pfd = libc::pollfd {
+                    fd: parent.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                libc::poll(&mut pfd, 1, 0) != 0
+            };
+            if orphaned {
+                // SAFETY: leaving at once; nothing of ours needs flushing yet.
+                unsafe { libc::_exit(1) };
+            }
+            drop((read_end, parent));
+            Ok(CleanupGuard {
+                write_end,
+                helper_pid: None,
+                sent: 0,
+            })
+        }
+        child => {
+            drop((write_end, parent));
+            // SAFETY: see above; `helper_main` never returns.
+            unsafe { helper_main(read_end.as_raw_fd(), Some(child)) }
+        }
     }
 }
 
@@ -92,12 +167,14 @@ impl CleanupGuard {
         Ok(())
     }
 
-    /// Closes the pipe and waits for the helper, for an orderly exit.
+    /// Closes the pipe and waits for the helper (when it is our child), for an orderly exit.
     pub fn finish(self) {
         let pid = self.helper_pid;
         drop(self);
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        if let Some(pid) = pid {
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        }
     }
 }
 
@@ -117,11 +194,12 @@ fn write_all(fd: libc::c_int, mut buf: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The helper: collects records until EOF, then removes what they name.
+/// The helper: collects records until EOF, then removes what they name. With `vmm` (the
+/// helper is the VMM's parent), it then leaves as the VMM did.
 ///
 /// # Safety
-/// Only to be called in the child right after `fork`.
-unsafe fn helper_main(read_fd: libc::c_int) -> ! {
+/// Only to be called right after `fork`, in a process that then only runs this.
+unsafe fn helper_main(read_fd: libc::c_int, vmm: Option<libc::pid_t>) -> ! {
     // Keep nothing but the pipe: an inherited listener or stream would keep the VMM's
     // sockets answering after it died.
     let keep = read_fd as libc::c_uint;
@@ -162,7 +240,38 @@ unsafe fn helper_main(read_fd: libc::c_int) -> ! {
         }
         rest = next;
     }
-    libc::_exit(0)
+    match vmm {
+        Some(pid) => exit_as(pid),
+        None => libc::_exit(0),
+    }
+}
+
+/// Waits for `pid` and ends this process the way it ended: same exit code, or death by the
+/// same signal (with [`SIGSYS_EXIT`] read as SIGSYS).
+///
+/// # Safety
+/// As for `helper_main`: async-signal-safe calls only.
+unsafe fn exit_as(pid: libc::pid_t) -> ! {
+    let mut status = 0;
+    while libc::waitpid(pid, &mut status, 0) < 0 {
+        if *libc::__errno_location() != libc::EINTR {
+            libc::_exit(1);
+        }
+    }
+    let signal = if libc::WIFSIGNALED(status) {
+        libc::WTERMSIG(status)
+    } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == SIGSYS_EXIT {
+        libc::SIGSYS
+    } else {
+        libc::_exit(libc::WEXITSTATUS(status))
+    };
+    libc::signal(signal, libc::SIG_DFL);
+    let mut set: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut set);
+    libc::sigaddset(&mut set, signal);
+    libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    libc::kill(libc::getpid(), signal);
+    libc::_exit(128 + signal)
 }
 
 /// One record: (dev, ino, the path with its NUL, what follows). None at the end or on a

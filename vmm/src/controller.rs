@@ -13,21 +13,18 @@ use vmm_sys_util::epoll::EventSet;
 use crate::api::{self, ApiHandler, Request, Response, VmState, VmStatus};
 use crate::builder::{self, BuiltVm, RunningVcpus, Subscriber, VmConfig};
 use crate::cleanup::{self, CleanupGuard};
+pub use crate::jail::JailSpec;
+use crate::jail::JoinJail;
 use crate::seccomp::{self, ThreadKind};
 use crate::vstate::startup::FirstRun;
 use crate::vstate::{ExitReason, VmExit};
 
-/// Optional chroot + privilege drop, entered after everything is opened.
-#[derive(Debug, Clone)]
-pub struct JailSpec {
-    pub dir: PathBuf,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     pub seccomp: bool,
+    /// Test hook: report the jail from inside, then make a forbidden call
+    /// ([`crate::jail::selftest`]); the path is one that must not exist in the jail.
+    pub jail_selftest: Option<PathBuf>,
 }
 
 struct Running {
@@ -64,7 +61,9 @@ impl MutEventSubscriber for ExitWatcher {
 }
 
 impl Controller {
-    /// Forks the socket-cleanup helper, so call it before anything allocates guest memory.
+    /// Forks the socket-cleanup helper (with a jail, forks the VMM into its PID namespace
+    /// and stays outside as the helper), so call it first thing, while the process has one
+    /// thread and before anything allocates guest memory.
     pub fn new(opts: Options, jail: Option<JailSpec>) -> Result<Self, cleanup::CleanupError> {
         Ok(Controller {
             cfg: VmConfig::default(),
@@ -73,7 +72,10 @@ impl Controller {
             running: None,
             pending: Vec::new(),
             ended: None,
-            cleanup: Some(cleanup::spawn()?),
+            cleanup: Some(match &jail {
+                Some(_) => cleanup::spawn_in_new_pid_namespace()?,
+                None => cleanup::spawn()?,
+            }),
             jail,
             opts,
         })
@@ -124,14 +126,25 @@ impl Controller {
         if !self.configured {
             return Err("start needs a configure first (kernel, memory, vCPUs)".into());
         }
-        let cfg = std::mem::take(&mut self.cfg);
+        let mut cfg = std::mem::take(&mut self.cfg);
+        let jail = match &self.jail {
+            Some(j) => Some(jailed(j, &mut cfg).map_err(|e| format!("cannot set up the jail: {e}"))?),
+            None => None,
+        };
         let mut vm =
             builder::build(cfg, origin).map_err(|e| format!("cannot build the VM: {e}"))?;
         self.remove_at_exit(&vm.cleanup_paths)
             .map_err(|e| e.to_string())?;
-        if let Some(j) = &self.jail {
-            crate::jail::enter(&j.dir, j.uid, j.gid)
-                .map_err(|e| format!("cannot enter the jail: {e}"))?;
+        if let Some(j) = &jail {
+            let helpers: Vec<&dyn JoinJail> = vm
+                .helper_threads
+                .iter()
+                .map(|h| h as &dyn JoinJail)
+                .collect();
+            crate::jail::enter(j, &helpers).map_err(|e| format!("cannot enter the jail: {e}"))?;
+            if let Some(outside) = &self.opts.jail_selftest {
+                crate::jail::selftest::report_inside(outside);
+            }
         }
         let want_seccomp = self.opts.seccomp;
         let first_run = FirstRun::new(origin);
@@ -165,6 +178,9 @@ impl Controller {
             .push(Arc::new(Mutex::new(ExitWatcher(vm.exit.clone()))));
         self.running = Some(Running { vm, vcpus });
         self.state = VmState::Running;
+        if self.jail.is_some() && self.opts.jail_selftest.is_some() {
+            crate::jail::selftest::forbidden_call();
+        }
         Ok(())
     }
 
@@ -195,6 +211,25 @@ impl Controller {
         self.cfg.serial = c.serial;
         self.configured = true;
     }
+}
+
+/// The jail for this VM: its directory made and resolved (and told to the builder, so paths
+/// used after start resolve inside it), and the file-size limit raised to the largest
+/// writable disk, whose writes would fail past it.
+fn jailed(spec: &JailSpec, cfg: &mut VmConfig) -> Result<JailSpec, crate::jail::JailError> {
+    let mut spec = spec.clone();
+    spec.dir = crate::jail::prepare_dir(&spec.dir)?;
+    cfg.jail_dir = Some(spec.dir.clone());
+    let largest_disk = cfg
+        .blocks
+        .iter()
+        .filter(|b| !b.read_only)
+        .filter_map(|b| std::fs::metadata(&b.path).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0);
+    spec.limits.fsize = spec.limits.fsize.max(largest_disk);
+    Ok(spec)
 }
 
 /// Virtio devices a VM can have: one interrupt line each.

@@ -62,14 +62,26 @@ struct Args {
     /// Control API socket (newline-delimited JSON; see the `api` module docs).
     #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// Chroot into DIR and drop to --uid/--gid once everything is open (needs root;
-    /// not with virtio-fs, whose helper thread would escape the jail).
+    /// Jail the VMM (needs root): from process start in a PID namespace of its own, and once
+    /// everything is open, in new mount, IPC and UTS namespaces with DIR as `/`, under
+    /// resource limits, as --uid/--gid. Sockets guest connections reach must be inside DIR.
     #[arg(long, requires_all = ["uid", "gid"])]
     jail: Option<PathBuf>,
     #[arg(long)]
     uid: Option<u32>,
     #[arg(long)]
     gid: Option<u32>,
+    /// With --jail: most files the VMM may hold open (RLIMIT_NOFILE).
+    #[arg(long, default_value_t = vmm::jail::ResourceLimits::default().nofile)]
+    rlimit_nofile: u64,
+    /// With --jail: largest file offset the VMM may write at, in bytes (RLIMIT_FSIZE); raised
+    /// to the size of the largest writable disk.
+    #[arg(long, default_value_t = vmm::jail::ResourceLimits::default().fsize)]
+    rlimit_fsize: u64,
+    /// Test hook (with --jail): report what the jailed VMM sees, PATH being one that must not
+    /// exist inside, then make a forbidden call, which must kill the VMM.
+    #[arg(long, hide = true, requires = "jail")]
+    jail_selftest: Option<PathBuf>,
     /// Run without the seccomp filters (debugging only). HUSK_SECCOMP=log logs instead.
     #[arg(long)]
     no_seccomp: bool,
@@ -104,12 +116,17 @@ fn run(args: Args, start: Instant) -> anyhow::Result<VmmExitStatus> {
             dir: dir.clone(),
             uid,
             gid,
+            limits: vmm::jail::ResourceLimits {
+                nofile: args.rlimit_nofile,
+                fsize: args.rlimit_fsize,
+            },
         }),
         _ => None,
     };
     let api_sock = args.api_sock.clone();
     let opts = Options {
         seccomp: !args.no_seccomp,
+        jail_selftest: args.jail_selftest.clone(),
     };
     let mut em = EventManager::<Subscriber>::new()
         .map_err(|e| anyhow::anyhow!("cannot create the event loop: {e:?}"))?;

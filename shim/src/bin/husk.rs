@@ -70,16 +70,24 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Check => match husk_vmm_api::check::check_host() {
-            Ok(()) => {
-                println!("husk check: ok: /dev/kvm is usable with hardware virtualization; this host can run husk microVMs");
-                ExitCode::SUCCESS
+        Cmd::Check => {
+            let kvm = husk_vmm_api::check::check_host();
+            match &kvm {
+                Ok(()) => println!("husk check: ok: /dev/kvm is usable with hardware virtualization; this host can run husk microVMs"),
+                Err(e) => eprintln!("husk check: {e}"),
             }
-            Err(e) => {
-                eprintln!("husk check: {e}");
+            // Reported either way: a host without KVM may still be one where the jail is not.
+            let jail = husk_vmm_api::jail_check::check_jail();
+            match &jail {
+                Ok(()) => println!("husk check: ok: VMMs can be jailed here (root; new mount, PID, IPC and UTS namespaces)"),
+                Err(e) => eprintln!("husk check: jail: {e}"),
+            }
+            if kvm.is_ok() && jail.is_ok() {
+                ExitCode::SUCCESS
+            } else {
                 ExitCode::FAILURE
             }
-        },
+        }
         Cmd::Run(args) => match run_cmd(args) {
             Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
             Err(e) => {

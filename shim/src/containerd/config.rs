@@ -53,6 +53,9 @@ pub struct VmSection {
     /// Upper bounds, whatever the pod asks.
     pub max_vcpus: u8,
     pub max_memory_mib: u32,
+    /// Jail each VMM (own uid, namespaces, a directory as `/`, limits); `husk check` says
+    /// whether this host can. Off only for debugging.
+    pub jail: bool,
 }
 
 /// How long things may take.
@@ -107,6 +110,7 @@ impl Default for VmSection {
             cpu_overhead: 0.0,
             max_vcpus: 16,
             max_memory_mib: 16384,
+            jail: true,
         }
     }
 }

@@ -294,6 +294,7 @@ impl PodRuntime for VmRuntime {
             spec.cmdline = format!("{} {}", spec.cmdline, c.kernel_params);
         }
         (spec.vcpus, spec.mem_mib) = pod_spec::vm_size(&req.spec, &c.vm);
+        spec.jail = c.vm.jail;
         if !c.vmm.as_os_str().is_empty() {
             spec.vmm_bin = Some(c.vmm.clone());
         }

@@ -55,6 +55,8 @@ pub enum SandboxError {
     Network { op: String, message: String },
     #[error("host cgroup: {0}")]
     Cgroup(String),
+    #[error("cannot jail the VMM: {0}")]
+    Jail(String),
     #[error("{0}")]
     Invalid(String),
 }

@@ -12,6 +12,7 @@
 
 mod error;
 pub mod host_cgroup;
+pub mod jail;
 pub mod network;
 pub mod pod_network;
 pub mod process;

@@ -62,6 +62,9 @@ pub struct SandboxState {
     /// The pod's host cgroup (removed once its processes are gone).
     #[serde(default)]
     pub cgroup: Option<CgroupRecord>,
+    /// The lock file of the jailed VMM's uid (freed once its processes are gone).
+    #[serde(default)]
+    pub jail_id: Option<PathBuf>,
 }
 
 /// The sandbox directories' parent under a run root.
@@ -104,6 +107,7 @@ impl StateFile {
                 taps: Vec::new(),
                 netns: None,
                 cgroup: None,
+                jail_id: None,
             },
         };
         file.save()?;
@@ -196,6 +200,11 @@ pub fn cleanup(run_root: &Path, id: &str) -> Result<()> {
         }
         if let Some(ns) = state.netns.as_ref().filter(|ns| ns.owned) {
             if let Err(e) = network::remove_netns(&ns.path) {
+                failures.push(e.to_string());
+            }
+        }
+        if let Some(lock) = &state.jail_id {
+            if let Err(e) = super::jail::release(lock) {
                 failures.push(e.to_string());
             }
         }

@@ -11,7 +11,8 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,6 +64,9 @@ pub struct VmSpec {
     pub console_to_stderr: bool,
     /// The VMM binary; `None` looks it up ([`paths::husk_vmm`]).
     pub vmm_bin: Option<PathBuf>,
+    /// Run the VMM jailed (the default): its own uid, namespaces (the pod's network one),
+    /// a directory as `/`, resource limits, a scrubbed environment ([`super::jail`]).
+    pub jail: bool,
 }
 
 impl VmSpec {
@@ -86,6 +90,7 @@ impl VmSpec {
             nets: Vec::new(),
             console_to_stderr: false,
             vmm_bin: None,
+            jail: true,
         }
     }
 }
@@ -112,10 +117,19 @@ impl Vm {
     /// up later. Blocks.
     pub fn launch(spec: &VmSpec, state: &mut StateFile) -> Result<Vm> {
         husk_vmm_api::check::check_host().map_err(|e| SandboxError::NoKvm(e.to_string()))?;
+        if spec.jail {
+            husk_vmm_api::jail_check::check_jail().map_err(SandboxError::Jail)?;
+        }
         let dir = state.dir().to_path_buf();
+        // A jailed VMM reaches its vsock socket's `_<port>` siblings only inside its jail.
+        let vsock_dir = if spec.jail {
+            super::jail::dir(&dir)
+        } else {
+            dir.clone()
+        };
         let mut vm = Vm {
             api_sock: dir.join("api.sock"),
-            vsock_uds: dir.join("vsock.sock"),
+            vsock_uds: vsock_dir.join("vsock.sock"),
             dir,
             vmm: None,
             virtiofsd: Vec::new(),
@@ -138,7 +152,7 @@ impl Vm {
             Some(b) => b.clone(),
             None => paths::husk_vmm()?,
         };
-        self.start_vmm(bin, spec.console_to_stderr, state)?;
+        self.start_vmm(bin, spec, state)?;
         let serial = if spec.console_to_stderr {
             SerialConfig::Stdout
         } else {
@@ -258,21 +272,19 @@ impl Vm {
         Ok(sock)
     }
 
-    fn start_vmm(
-        &mut self,
-        bin: PathBuf,
-        console_to_stderr: bool,
-        state: &mut StateFile,
-    ) -> Result<()> {
+    fn start_vmm(&mut self, bin: PathBuf, spec: &VmSpec, state: &mut StateFile) -> Result<()> {
         let mut cmd = Command::new(&bin);
         cmd.arg("--api-sock").arg(&self.api_sock);
         cmd.stdin(Stdio::null());
-        if console_to_stderr {
+        if spec.console_to_stderr {
             cmd.stdout(std::io::stderr());
         } else {
             cmd.stdout(Stdio::null());
         }
         cmd.stderr(self.log_file("vmm.log")?);
+        if spec.jail {
+            self.jail_vmm(&mut cmd, spec, state)?;
+        }
         if std::env::var_os("HUSK_LOG").is_none() {
             cmd.env("HUSK_LOG", "warn");
         }
@@ -304,6 +316,53 @@ impl Vm {
                 vmm.wait_timeout(SOCKET_POLL);
             }
         }
+    }
+
+    /// Makes `cmd` start a jailed VMM: an id of its own (recorded before it is used), its jail
+    /// directory, the pod's network namespace, and nothing of our environment but the VMM's
+    /// own switches.
+    fn jail_vmm(&self, cmd: &mut Command, spec: &VmSpec, state: &mut StateFile) -> Result<()> {
+        let run_root = state
+            .dir()
+            .parent()
+            .and_then(Path::parent)
+            .ok_or_else(|| SandboxError::Invalid("the sandbox directory has no run root".into()))?
+            .to_path_buf();
+        let id = state.state().id.clone();
+        let (uid, lock) = super::jail::allocate(&run_root, &id)?;
+        state.update(|s| s.jail_id = Some(lock))?;
+        cmd.arg("--jail")
+            .arg(super::jail::dir(&self.dir))
+            .arg("--uid")
+            .arg(uid.to_string())
+            .arg("--gid")
+            .arg(uid.to_string());
+        cmd.env_clear();
+        for var in ["HUSK_LOG", "HUSK_SECCOMP", "RUST_BACKTRACE"] {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        let netns = spec
+            .nets
+            .iter()
+            .find_map(|n| n.netns.clone())
+            .or_else(|| state.state().netns.as_ref().map(|n| n.path.clone()));
+        if let Some(ns) = netns {
+            let file = fs::File::open(&ns)
+                .map_err(|e| SandboxError::io(format!("open the pod netns {}", ns.display()), e))?;
+            // SAFETY: setns between fork and exec, on an fd the closure owns (it lives as long
+            // as `cmd`); async-signal-safe, allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Spawns a child and records it in the state before anything can go wrong with it.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use husk_tests::vmm_proc::{self, Output, VmmExitStatus};
 
 mod slow_disk;
+mod jail;
 mod threads;
 
 const T: Duration = Duration::from_secs(120);

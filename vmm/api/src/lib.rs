@@ -89,6 +89,7 @@
 //! the client side ([`request`], [`ApiClient`]) and what both sides share.
 
 pub mod check;
+pub mod jail_check;
 mod client;
 pub mod config;
 mod exit;

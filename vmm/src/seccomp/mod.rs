@@ -472,9 +472,14 @@ extern "C" fn sigsys_handler(
     }
     // SAFETY: write(2) from a live buffer, then tgkill(2) on ourselves; both async-signal-safe.
     // SA_RESETHAND restored the default action, so this SIGSYS terminates the process (with a
-    // core dump, where enabled) and the parent sees "killed by SIGSYS".
+    // core dump, where enabled) and the parent sees "killed by SIGSYS". A jailed VMM is PID 1
+    // of its namespace, which ignores signals it sends itself: it exits with the status its
+    // helper turns back into SIGSYS (crate::cleanup::SIGSYS_EXIT).
     unsafe {
         libc::write(2, msg.buf.as_ptr().cast(), msg.len);
+        if libc::syscall(libc::SYS_getpid) == 1 {
+            libc::syscall(libc::SYS_exit_group, crate::cleanup::SIGSYS_EXIT);
+        }
         libc::syscall(
             libc::SYS_tgkill,
             libc::syscall(libc::SYS_getpid),

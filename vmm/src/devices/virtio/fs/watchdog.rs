@@ -8,6 +8,7 @@
 //! runs on a vCPU thread that may not be allowed to create threads.
 
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender};
@@ -23,6 +24,12 @@ enum Command {
     Disarm,
     /// Install the watchdog's seccomp filter on the thread, and say how that went.
     Confine(SyncSender<Result<(), String>>),
+    /// Join the VMM's jail: its mount namespace and root (raw fds, open until the reply).
+    JoinJail {
+        mount_ns: RawFd,
+        root: RawFd,
+        reply: SyncSender<Result<(), String>>,
+    },
 }
 
 pub(super) struct Watchdog {
@@ -51,6 +58,19 @@ impl Watchdog {
                     match cmd {
                         Ok(Command::Arm { deadline, what }) => armed = Some((deadline, what)),
                         Ok(Command::Disarm) => armed = None,
+                        Ok(Command::JoinJail {
+                            mount_ns,
+                            root,
+                            reply,
+                        }) => {
+                            // SAFETY: the jail holds both fds open until it has our reply.
+                            let (ns, root) = unsafe {
+                                (BorrowedFd::borrow_raw(mount_ns), BorrowedFd::borrow_raw(root))
+                            };
+                            let r = crate::jail::join_from_thread(ns, root)
+                                .map_err(|e| format!("the virtio-fs watchdog: {e}"));
+                            let _ = reply.send(r);
+                        }
                         Ok(Command::Confine(reply)) => {
                             let r = crate::seccomp::install(crate::seccomp::ThreadKind::Watchdog)
                                 .map_err(|e| e.to_string());
@@ -126,8 +146,23 @@ impl Drop for Watchdog {
     }
 }
 
-/// Confines a watchdog thread (see [`Watchdog::confiner`]).
+/// Confines a watchdog thread (see [`Watchdog::confiner`]): into the jail, under its filter.
 pub struct Confiner(Option<Sender<Command>>);
+
+impl crate::jail::JoinJail for Confiner {
+    fn join(&self, mount_ns: BorrowedFd<'_>, root: BorrowedFd<'_>) -> Result<(), String> {
+        let (reply, done) = mpsc::sync_channel(1);
+        let tx = self.0.as_ref().ok_or("the watchdog has no thread")?;
+        tx.send(Command::JoinJail {
+            mount_ns: mount_ns.as_raw_fd(),
+            root: root.as_raw_fd(),
+            reply,
+        })
+        .map_err(|_| "the watchdog thread is gone".to_string())?;
+        done.recv()
+            .map_err(|_| "the watchdog thread ended before joining the jail".to_string())?
+    }
+}
 
 impl Confiner {
     /// Installs the filter on the watchdog's thread; returns once it is in force.

@@ -78,6 +78,26 @@ impl Vsock {
         self.muxer.uds_path()
     }
 
+    /// For a VMM that will be jailed in `jail_dir`: guest connections then go to the socket's
+    /// path inside the jail, and are refused if the socket is not in the jail at all.
+    pub fn jailed_in(mut self, jail_dir: &Path) -> Vsock {
+        // Bound just now, so it exists and resolves.
+        let inside = self.muxer.uds_path().canonicalize().ok().and_then(|p| {
+            p.strip_prefix(jail_dir)
+                .ok()
+                .map(|rel| Path::new("/").join(rel))
+        });
+        if inside.is_none() {
+            tracing::warn!(
+                "vsock: {} is outside the jail {}: guest connections to the host will be refused",
+                self.muxer.uds_path().display(),
+                jail_dir.display()
+            );
+        }
+        self.muxer.set_connect_base(inside);
+        self
+    }
+
     /// Drains the TX queue into the muxer; returns whether buffers were used.
     pub(crate) fn process_tx(&mut self) -> bool {
         let Some(active) = &mut self.activation.active else {

@@ -66,6 +66,10 @@ struct HostPending {
 pub struct VsockMuxer {
     guest_cid: u64,
     uds_path: PathBuf,
+    /// Where guest connections to host port P go: `<connect_base>_P`. `uds_path` unless the
+    /// VMM is jailed, where it is that path as seen from inside the jail, or `None` when the
+    /// socket is outside the jail and guest connections are refused.
+    connect_base: Option<PathBuf>,
     listener: UnixListener,
     /// The listener is in the epoll set (after activation, unless paused on fd exhaustion).
     listening: bool,
@@ -101,6 +105,7 @@ impl VsockMuxer {
         )?;
         Ok(VsockMuxer {
             guest_cid,
+            connect_base: Some(uds_path.clone()),
             uds_path,
             listener,
             listening: false,
@@ -122,6 +127,11 @@ impl VsockMuxer {
 
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
+    }
+
+    /// Sends guest connections to `<base>_P` instead of `<uds_path>_P`; `None` refuses them.
+    pub fn set_connect_base(&mut self, base: Option<PathBuf>) {
+        self.connect_base = base;
     }
 
     /// The fd the VMM's event loop watches for all host-side activity.
@@ -411,7 +421,15 @@ impl VsockMuxer {
             self.push_rst_reply(hdr);
             return;
         }
-        let mut path = OsString::from(self.uds_path.as_os_str());
+        let Some(base) = &self.connect_base else {
+            debug!(
+                "vsock: guest connect to port {}: the socket is outside the jail",
+                key.local_port
+            );
+            self.push_rst_reply(hdr);
+            return;
+        };
+        let mut path = OsString::from(base.as_os_str());
         path.push(format!("_{}", key.local_port));
         let path = PathBuf::from(path);
         let stream = match connect_nonblocking(&path) {
