@@ -119,8 +119,8 @@ pub struct BuiltVm {
     /// Devices whose back end can block (disks), each for an I/O thread of its own
     /// (`devices::io_thread`), with the thread's name.
     pub io_devices: Vec<(String, Subscriber)>,
-    /// Devices' helper threads (virtio-fs watchdogs), to put under their seccomp filter.
-    pub helper_threads: Vec<fs::watchdog::Confiner>,
+    /// Devices' helper threads (virtio-fs's worker and watchdog), to jail and filter.
+    pub helper_threads: Vec<crate::devices::helper_thread::HelperThread>,
     pub cmdline: String,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
@@ -286,9 +286,9 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
         devices.add(Arc::new(Mutex::new(d.with_rate_limiters(rx, tx))))?;
     }
     for f in &cfg.fs {
-        let d = fs::Fs::new(&f.socket_path, &f.tag, 1, fs::DEFAULT_QUEUE_SIZE)
+        let mut d = fs::Fs::new(&f.socket_path, &f.tag, 1, fs::DEFAULT_QUEUE_SIZE)
             .map_err(|e| dev_err(format!("virtio-fs {}", f.socket_path.display()), e))?;
-        helper_threads.push(d.watchdog_confiner());
+        helper_threads.extend(d.helper_threads());
         devices.add(Arc::new(Mutex::new(d)))?;
     }
     if let Some(v) = &cfg.vsock {

@@ -67,6 +67,8 @@ pub struct VmSpec {
     /// Run the VMM jailed (the default): its own uid, namespaces (the pod's network one),
     /// a directory as `/`, resource limits, a scrubbed environment ([`super::jail`]).
     pub jail: bool,
+    /// More `husk-vmm` arguments (debugging and tests).
+    pub vmm_args: Vec<String>,
 }
 
 impl VmSpec {
@@ -91,6 +93,7 @@ impl VmSpec {
             console_to_stderr: false,
             vmm_bin: None,
             jail: true,
+            vmm_args: Vec::new(),
         }
     }
 }
@@ -207,10 +210,7 @@ impl Vm {
         });
         api::request(&self.api_sock, &req, &[tap.fd.as_fd()])
             .and_then(|r| r.into_result())
-            .map_err(|source| SandboxError::Vmm {
-                op: "add_net",
-                source,
-            })?;
+            .map_err(|source| self.request_failed("add_net", source))?;
         Ok(())
     }
 
@@ -285,6 +285,7 @@ impl Vm {
         if spec.jail {
             self.jail_vmm(&mut cmd, spec, state)?;
         }
+        cmd.args(&spec.vmm_args);
         if std::env::var_os("HUSK_LOG").is_none() {
             cmd.env("HUSK_LOG", "warn");
         }
@@ -410,7 +411,21 @@ impl Vm {
     fn request(&self, op: &'static str, req: &Request) -> Result<serde_json::Value> {
         api::request(&self.api_sock, req, &[])
             .and_then(|r| r.into_result())
-            .map_err(|source| SandboxError::Vmm { op, source })
+            .map_err(|source| self.request_failed(op, source))
+    }
+
+    /// A request that failed because the VMM died under it (a seccomp kill, a crash) is
+    /// reported as the VMM's death, with its log, which says why; anything else as the
+    /// VMM's answer.
+    fn request_failed(&self, op: &'static str, source: api::ApiError) -> SandboxError {
+        let exited = self
+            .vmm
+            .as_ref()
+            .and_then(|v| v.wait_timeout(Duration::from_millis(500)));
+        match exited {
+            Some(status) => self.exit_error(status),
+            None => SandboxError::Vmm { op, source },
+        }
     }
 
     fn exit_error(&self, status: std::process::ExitStatus) -> SandboxError {

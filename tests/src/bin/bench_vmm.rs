@@ -4,7 +4,8 @@
 //!
 //! Boot figure: from spawning the VMM process to the guest's "userspace reached" line on
 //! its serial console, the same measure for both VMMs (husk's own boot-timer port gives
-//! the same point, and is printed for reference). Runs alternate between the two VMMs.
+//! the same point, and is printed for reference). Runs alternate between husk-vmm, husk-vmm
+//! jailed as the sandbox layer runs it (`--jail`), and QEMU.
 //!
 //! `--startup` measures only the VMM's own start-up, from process start to its first
 //! KVM_RUN, phase by phase (from husk-vmm's log), and kills the VM right there. It needs only
@@ -29,6 +30,17 @@ fn husk_cmd(test: &str) -> Command {
         "--cmdline",
         &format!("quiet husk_test={test}"),
     ]);
+    c
+}
+
+/// husk-vmm as the sandbox layer runs it: jailed (own PID, mount, IPC and UTS namespaces, a
+/// uid of the jail range, limits) in a fresh directory.
+fn husk_jailed_cmd(test: &str, run: usize) -> Command {
+    let dir = std::env::temp_dir().join(format!("husk-bench-jail-{}-{run}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let id = (husk_shim::sandbox::jail::UID_BASE + 7000 + run as u32).to_string();
+    let mut c = husk_cmd(test);
+    c.arg("--jail").arg(dir).args(["--uid", &id, "--gid", &id]);
     c
 }
 
@@ -229,14 +241,16 @@ fn main() {
         return startup_table(runs);
     }
     husk_tests::require_kvm();
-    let (mut husk, mut qemu) = (vec![], vec![]);
+    let (mut husk, mut jailed, mut qemu) = (vec![], vec![], vec![]);
     for i in 0..runs {
         husk.push(boot_once(husk_cmd("boot"), false).0);
+        jailed.push(boot_once(husk_jailed_cmd("boot", i), false).0);
         qemu.push(boot_once(qemu_cmd("boot"), false).0);
         eprintln!(
-            "run {}/{runs}: husk {:?} qemu {:?}",
+            "run {}/{runs}: husk {:?} jailed {:?} qemu {:?}",
             i + 1,
             husk[i],
+            jailed[i],
             qemu[i]
         );
     }
@@ -245,6 +259,7 @@ fn main() {
     let rt = vsock_round_trip();
     let (hm, hmin, hmax) = stats(&mut husk);
     let (qm, qmin, qmax) = stats(&mut qemu);
+    let (jm, jmin, jmax) = stats(&mut jailed);
     println!("husk-vmm vs QEMU microvm ({runs} alternating runs each, 1 vCPU, {MEM_MIB} MiB, same kernel + initramfs)");
     println!("| metric | husk-vmm | QEMU microvm | husk/QEMU |");
     println!("| --- | --- | --- | --- |");
@@ -253,6 +268,10 @@ fn main() {
         hm / qm
     );
     println!("| boot, min / max (ms) | {hmin:.0} / {hmax:.0} | {qmin:.0} / {qmax:.0} | |");
+    println!(
+        "| boot jailed, median (min / max) (ms) | {jm:.0} ({jmin:.0} / {jmax:.0}) | | jailed/unjailed {:.3} |",
+        jm / hm
+    );
     println!(
         "| VMM RSS outside guest RAM (MiB) | {:.1} | {:.1} | {:.2} |",
         husk_rss as f64 / 1024.0,

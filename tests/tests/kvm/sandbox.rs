@@ -224,3 +224,36 @@ fn ten_successive_pod_vms_neither_slow_down_nor_accumulate() {
         "later pod VMs boot slower: {early:?} (median of VMs 2-4) vs {late:?} (VMs 8-10); all: {times:?}"
     );
 }
+
+/// A VMM that seccomp kills is reported with the reason, not as a broken API connection:
+/// the test hook makes the jailed VMM open a TCP socket right after start.
+#[test]
+fn a_vmm_killed_by_seccomp_is_reported_with_the_forbidden_call() {
+    husk_tests::require_kvm();
+    let before = Snapshot::take();
+    let mut spec = pod::spec();
+    spec.vmm_args = vec!["--jail-selftest".into(), "/".into()];
+    let err = pod::runtime().block_on(async {
+        husk_shim::sandbox::Sandbox::create(husk_shim::sandbox::SandboxConfig {
+            id: format!("seccomp-{}", std::process::id()),
+            hostname: "seccomp".into(),
+            vm: spec,
+            boot_timeout: Duration::from_secs(180),
+            own_netns: true,
+            cgroups_path: None,
+        })
+        .await
+        .err()
+        .expect("the VMM must die at start")
+    });
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("killed by signal {}", libc::SIGSYS)),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("forbidden syscall {}", libc::SYS_socket)),
+        "{msg}"
+    );
+    before.assert_nothing_leaked();
+}

@@ -19,8 +19,9 @@
 //!   main thread then no longer needs any file I/O call.
 //!
 //! * [`ThreadKind::Watchdog`]: virtio-fs's watchdog, which only waits and may shut the
-//!   vhost-user socket down. It starts with the device (before any filter) and installs its
-//!   filter when the VM starts (`Confiner`, from the controller).
+//!   vhost-user socket down, and [`ThreadKind::VhostUser`], virtio-fs's worker, which alone
+//!   talks vhost-user once the VM runs. Both start with the device (before any filter) and
+//!   install their filter when the VM starts (`devices::helper_thread`, from the controller).
 //!
 //! [`install`] filters the calling thread only (no TSYNC) and sets `PR_SET_NO_NEW_PRIVS`.
 //!
@@ -91,6 +92,8 @@ pub enum ThreadKind {
     DeviceIo,
     /// virtio-fs's watchdog: waits, and may shut a socket down.
     Watchdog,
+    /// virtio-fs's vhost-user worker: messages to and from virtiofsd.
+    VhostUser,
 }
 
 impl fmt::Display for ThreadKind {
@@ -106,6 +109,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::DeviceIo => "device I/O",
             ThreadKind::Watchdog => "watchdog",
+            ThreadKind::VhostUser => "vhost-user",
         }
     }
 }
@@ -267,7 +271,9 @@ fn fcntl_cmds(kind: ThreadKind) -> Rules {
             ],
         ),
         ThreadKind::Vcpu => arg_in(1, &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64]),
-        ThreadKind::DeviceIo | ThreadKind::Watchdog => arg_in(1, &[libc::F_GETFD as u64]),
+        ThreadKind::DeviceIo | ThreadKind::Watchdog | ThreadKind::VhostUser => {
+            arg_in(1, &[libc::F_GETFD as u64])
+        }
     }
 }
 
@@ -377,10 +383,6 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
             allow!(SYS_epoll_ctl),
             allow!(SYS_shutdown),
             allow!(SYS_timerfd_settime),
-            // virtio-fs activation talks vhost-user to virtiofsd on the vCPU thread (the guest's
-            // DRIVER_OK write is an MMIO exit): requests with fds out, replies in.
-            allow!(SYS_sendmsg),
-            allow!(SYS_recvmsg),
             // The console log file is capped: when full, its newest half is read back and
             // the file truncated (devices::legacy::capped_log). Serial output is a PIO exit.
             allow!(SYS_pread64),
@@ -405,6 +407,9 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
         ]),
         // Waiting is futexes and clocks (common); firing is a shutdown of the socket.
         ThreadKind::Watchdog => list.push(allow!(SYS_shutdown)),
+        // vhost-user requests with fds out (SCM_RIGHTS), replies in; nothing else: the
+        // eventfds it sends were made (and dup'd) on the vCPU thread.
+        ThreadKind::VhostUser => list.extend([allow!(SYS_sendmsg), allow!(SYS_recvmsg)]),
     }
     Ok(list)
 }

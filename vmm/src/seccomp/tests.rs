@@ -220,6 +220,7 @@ fn child_allowed_syscalls() {
         ThreadKind::Vmm,
         ThreadKind::DeviceIo,
         ThreadKind::Watchdog,
+        ThreadKind::VhostUser,
     ] {
         let (read_end, write_end) = pipe();
         on_filtered_thread(kind, move || {
@@ -294,6 +295,7 @@ fn filters_build_in_both_modes() {
         ThreadKind::Vcpu,
         ThreadKind::DeviceIo,
         ThreadKind::Watchdog,
+        ThreadKind::VhostUser,
     ] {
         for mode in [Mode::Enforce, Mode::Log] {
             let bpf = filter_with_mode(kind, mode).unwrap();
@@ -316,6 +318,7 @@ fn lists_are_what_they_say() {
     let vcpu = allowed_syscalls(ThreadKind::Vcpu);
     let io = allowed_syscalls(ThreadKind::DeviceIo);
     let watchdog = allowed_syscalls(ThreadKind::Watchdog);
+    let vhost_user = allowed_syscalls(ThreadKind::VhostUser);
     for name in [
         "epoll_pwait",
         "accept4",
@@ -326,16 +329,29 @@ fn lists_are_what_they_say() {
     ] {
         assert!(vmm.contains(&name), "vmm lacks {name}");
     }
+    for name in ["ioctl", "write", "futex", "exit", "rt_sigreturn"] {
+        assert!(vcpu.contains(&name), "vcpu lacks {name}");
+    }
+    // vhost-user messages go out on the worker only, never on a vCPU.
+    for name in ["sendmsg", "recvmsg"] {
+        assert!(
+            vhost_user.contains(&name),
+            "the vhost-user worker lacks {name}"
+        );
+        assert!(!vcpu.contains(&name), "vcpu allows {name}");
+    }
     for name in [
         "ioctl",
-        "write",
-        "futex",
-        "sendmsg",
-        "recvmsg",
-        "exit",
-        "rt_sigreturn",
+        "socket",
+        "connect",
+        "accept4",
+        "epoll_ctl",
+        "unlink",
     ] {
-        assert!(vcpu.contains(&name), "vcpu lacks {name}");
+        assert!(
+            !vhost_user.contains(&name),
+            "the vhost-user worker allows {name}"
+        );
     }
     // The calls an escaped guest would want most.
     for name in [
@@ -357,7 +373,7 @@ fn lists_are_what_they_say() {
         "listen",
     ] {
         assert!(
-            ![&vmm, &vcpu, &io, &watchdog]
+            ![&vmm, &vcpu, &io, &watchdog, &vhost_user]
                 .iter()
                 .any(|list| list.contains(&name)),
             "{name} allowed"

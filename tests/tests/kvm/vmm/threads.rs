@@ -1,5 +1,5 @@
 //! Every thread of a running VMM is under a seccomp filter: main, vCPUs, the disk's I/O
-//! thread and virtio-fs's watchdog (the kernel's own view, `/proc/<pid>/task/*/status`).
+//! thread and virtio-fs's worker and watchdog (the kernel's own view, `/proc/<pid>/task/*/status`).
 use std::io::{BufRead, BufReader, Read};
 
 use super::tmpdir;
@@ -59,7 +59,7 @@ fn every_vmm_thread_runs_under_seccomp() {
     let _ = vfsd.wait();
     assert!(up, "the guest never reached userspace: {log}");
     let names: Vec<&str> = modes.iter().map(|(n, _)| n.as_str()).collect();
-    for expected in ["husk-blk0", "husk-fs-watch"] {
+    for expected in ["husk-blk0", "husk-fs-watch", "husk-fs-vhost"] {
         assert!(names.contains(&expected), "no {expected} thread: {names:?}");
     }
     let unfiltered: Vec<_> = modes.iter().filter(|(_, m)| m != "2").collect();

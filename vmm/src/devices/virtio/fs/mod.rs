@@ -15,7 +15,9 @@
 //!
 //! Threads: `Fs::new` runs on the VMM's main thread, `activate` and `reset` on a vCPU thread (the
 //! transport), `process` on the event loop; the device sits behind a mutex shared by both.
+//! Neither talks to virtiofsd after the handshake: the vhost-user worker does ([`backend`]).
 
+mod backend;
 mod memory;
 #[cfg(test)]
 mod tests;
@@ -44,6 +46,8 @@ use super::{
     read_config_bytes, ActivateError, Activation, GuestMemory, IrqTrigger, Queue, QueueT,
     VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::devices::helper_thread::HelperThread;
+use backend::{ActivateJob, Backend, VringJob};
 use watchdog::Watchdog;
 
 pub use memory::shared_guest_memory;
@@ -184,18 +188,20 @@ pub struct Fs {
     avail_features: u64,
     acked_features: u64,
     protocol_features: VhostUserProtocolFeatures,
-    frontend: Frontend,
+    /// The thread that owns the vhost-user connection from the handshake on.
+    backend: Backend,
+    /// Handles on the worker and its watchdog, for the controller to jail and filter them.
+    helpers: Vec<HelperThread>,
     /// A second handle on the vhost-user socket, watched by the event loop for hang-up.
     sock: UnixStream,
-    watchdog: Watchdog,
-    exchange_timeout: Duration,
     activate_evt: EventFd,
     /// One per queue: virtiofsd writes them when it has used buffers.
     call_evts: Vec<EventFd>,
     calls_registered: bool,
     active: Option<Active>,
-    /// A vhost-user exchange failed part-way, so requests and replies may be out of step.
-    broken: bool,
+    /// A vhost-user exchange failed part-way, so requests and replies may be out of step
+    /// (set by the worker, or by the event loop when virtiofsd hangs up).
+    broken: Arc<AtomicBool>,
     backend_gone: Arc<AtomicBool>,
 }
 
@@ -275,6 +281,17 @@ impl Fs {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
             .map_err(FsError::EventFd)?;
+        let broken = Arc::new(AtomicBool::new(false));
+        let mut helpers: Vec<HelperThread> = watchdog.helper().into_iter().collect();
+        let backend = Backend::start(
+            tag.to_owned(),
+            frontend,
+            watchdog,
+            timeouts.exchange,
+            Arc::clone(&broken),
+        )
+        .map_err(FsError::Socket)?;
+        helpers.extend(backend.helper());
         Ok(Fs {
             tag: tag.to_owned(),
             config,
@@ -282,15 +299,14 @@ impl Fs {
             avail_features,
             acked_features: 0,
             protocol_features,
-            frontend,
+            backend,
+            helpers,
             sock,
-            watchdog,
-            exchange_timeout: timeouts.exchange,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)?,
             call_evts,
             calls_registered: false,
             active: None,
-            broken: false,
+            broken,
             backend_gone: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -307,20 +323,6 @@ impl Fs {
 
     pub fn is_backend_gone(&self) -> bool {
         self.backend_gone.load(Ordering::SeqCst)
-    }
-
-    /// Maps a vhost-user failure during activation or reset to a message, telling a timeout
-    /// apart from an error answer, and remembers that the connection can no longer be trusted.
-    fn exchange_failed(&mut self, step: &'static str, err: vhost::Error) -> String {
-        self.broken = true;
-        if self.watchdog.fired() {
-            format!(
-                "virtio-fs: virtiofsd did not answer {step} within {:?}",
-                self.exchange_timeout
-            )
-        } else {
-            format!("virtio-fs: vhost-user {step} failed: {err}")
-        }
     }
 
     /// Hands guest memory and the queues to virtiofsd. Everything is checked before the first
@@ -350,41 +352,28 @@ impl Fs {
             ));
         }
 
-        let features = self.acked_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let mut started = Vec::new();
-        let armed = self.watchdog.arm(self.exchange_timeout, "activation");
-        let result = (|| {
-            let fe = &mut self.frontend;
-            fe.set_features(features).map_err(|e| ("SET_FEATURES", e))?;
-            fe.set_mem_table(&regions)
-                .map_err(|e| ("SET_MEM_TABLE", e))?;
-            for (index, config) in &vrings {
-                let index = *index;
-                let queue = &queues[index];
-                fe.set_vring_num(index, queue.size())
-                    .map_err(|e| ("SET_VRING_NUM", e))?;
-                fe.set_vring_addr(index, config)
-                    .map_err(|e| ("SET_VRING_ADDR", e))?;
+        let dup = |evt: &EventFd| evt.try_clone().map_err(ActivateError::Signal);
+        let mut job = ActivateJob {
+            acked_features: self.acked_features,
+            regions,
+            vrings: Vec::with_capacity(vrings.len()),
+        };
+        for (index, config) in vrings {
+            let queue = &queues[index];
+            job.vrings.push(VringJob {
+                index,
+                size: queue.size(),
+                config,
                 // 0 on a fresh queue; the transport's value stays right if it ever is not.
-                fe.set_vring_base(index, queue.next_avail())
-                    .map_err(|e| ("SET_VRING_BASE", e))?;
-                fe.set_vring_call(index, &self.call_evts[index])
-                    .map_err(|e| ("SET_VRING_CALL", e))?;
-                // The guest's notifications go straight to virtiofsd, never through the VMM.
-                fe.set_vring_kick(index, &queue_evts[index])
-                    .map_err(|e| ("SET_VRING_KICK", e))?;
-                // virtiofsd runs the ring from here on, so the reset path must stop it.
-                started.push(index);
-                fe.set_vring_enable(index, true)
-                    .map_err(|e| ("SET_VRING_ENABLE", e))?;
-            }
-            Ok::<(), (&'static str, vhost::Error)>(())
-        })();
-        drop(armed);
-        match result {
-            Ok(()) => Ok(started),
-            Err((step, err)) => Err(ActivateError::Backend(self.exchange_failed(step, err))),
+                base: queue.next_avail(),
+                call: dup(&self.call_evts[index])?,
+                kick: dup(&queue_evts[index])?,
+            });
         }
+        let started = job.vrings.iter().map(|v| v.index).collect();
+        // virtiofsd runs these rings once the worker is done, so a reset must stop them.
+        self.backend.activate(job);
+        Ok(started)
     }
 
     /// Registers the call fds once the device is active (the event loop's side of activate).
@@ -426,7 +415,7 @@ impl Fs {
             return;
         }
         self.backend_gone.store(true, Ordering::SeqCst);
-        self.broken = true;
+        self.broken.store(true, Ordering::SeqCst);
         tracing::error!(
             tag = %self.tag,
             "virtio-fs: virtiofsd closed the vhost-user connection; \
@@ -620,9 +609,16 @@ fn host_address(
 }
 
 impl Fs {
-    /// Puts the device's watchdog thread under its seccomp filter, when asked.
-    pub fn watchdog_confiner(&self) -> watchdog::Confiner {
-        self.watchdog.confiner()
+    /// The device's own threads (vhost-user worker, watchdog), for the controller to jail
+    /// and filter when the VM starts.
+    pub fn helper_threads(&mut self) -> Vec<HelperThread> {
+        std::mem::take(&mut self.helpers)
+    }
+
+    /// Waits until the worker has done every exchange queued so far.
+    #[cfg(test)]
+    fn wait_backend(&self) {
+        self.backend.wait_idle();
     }
 }
 
@@ -661,7 +657,7 @@ impl VirtioDevice for Fs {
                 "virtio-fs: already activated".into(),
             ));
         }
-        if self.broken || self.is_backend_gone() {
+        if self.broken.load(Ordering::SeqCst) || self.is_backend_gone() {
             return Err(ActivateError::Backend(
                 "virtio-fs: the vhost-user connection to virtiofsd is lost".into(),
             ));
@@ -684,12 +680,6 @@ impl VirtioDevice for Fs {
             });
         }
         let started = self.start_backend(&mem, &queues, &queue_evts)?;
-        tracing::info!(
-            tag = %self.tag,
-            queues = ?started,
-            features = format_args!("{:#x}", self.acked_features),
-            "virtio-fs: activated"
-        );
         self.active = Some(Active {
             irq,
             started,
@@ -706,7 +696,7 @@ impl VirtioDevice for Fs {
         };
         // Without RESET_DEVICE virtiofsd would keep its FUSE session, and the driver's next
         // FUSE_INIT would meet a file system already initialised.
-        if self.broken
+        if self.broken.load(Ordering::SeqCst)
             || !self
                 .protocol_features
                 .contains(VhostUserProtocolFeatures::RESET_DEVICE)
@@ -714,32 +704,13 @@ impl VirtioDevice for Fs {
             self.active = Some(active);
             return false;
         }
-        let armed = self.watchdog.arm(self.exchange_timeout, "reset");
-        let result = (|| {
-            for &index in &active.started {
-                // Per the vhost-user spec, GET_VRING_BASE stops the ring; virtiofsd also drops
-                // its copies of the kick and call fds.
-                self.frontend
-                    .get_vring_base(index)
-                    .map_err(|e| ("GET_VRING_BASE", e))?;
-            }
-            self.frontend
-                .reset_device()
-                .map_err(|e| ("RESET_DEVICE", e))
-        })();
-        drop(armed);
-        match result {
-            Ok(()) => {
-                tracing::info!(tag = %self.tag, "virtio-fs: reset");
-                self.acked_features = 0;
-                true
-            }
-            Err((step, err)) => {
-                let msg = self.exchange_failed(step, err);
-                tracing::error!("{msg}");
-                false
-            }
+        // After any activation still in progress; waited for (see `backend`).
+        if !self.backend.reset(active.started.clone()) {
+            self.active = Some(active);
+            return false;
         }
+        self.acked_features = 0;
+        true
     }
 
     fn is_activated(&self) -> bool {

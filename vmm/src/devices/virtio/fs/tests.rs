@@ -186,7 +186,12 @@ struct Guest {
 impl Guest {
     /// Connects to `vfs` and subscribes the device to a fresh event loop (not yet activated).
     fn connect(vfs: &Virtiofsd) -> Self {
-        let fs = Fs::new(&vfs.socket, "husk", 1, QSIZE).expect("connect to virtiofsd");
+        Self::connect_with(vfs, Timeouts::default())
+    }
+
+    fn connect_with(vfs: &Virtiofsd, timeouts: Timeouts) -> Self {
+        let fs = Fs::with_timeouts(&vfs.socket, "husk", 1, QSIZE, timeouts)
+            .expect("connect to virtiofsd");
         let fs = Arc::new(Mutex::new(fs));
         let mut em = EventManager::new().unwrap();
         em.add_subscriber(Arc::clone(&fs));
@@ -219,8 +224,20 @@ impl Guest {
         (activation, kicks)
     }
 
-    /// Activates with clean rings, as a driver does after setting the queues up.
+    /// Activates with clean rings, as a driver does after setting the queues up, and waits
+    /// until the worker has handed everything to virtiofsd.
     fn activate(&mut self) {
+        self.start_activation();
+        let fs = self.fs.lock().unwrap();
+        fs.wait_backend();
+        assert!(
+            !fs.broken.load(Ordering::SeqCst),
+            "the activation exchange failed"
+        );
+    }
+
+    /// What the transport does on DRIVER_OK: returns once the device queued the exchange.
+    fn start_activation(&mut self) {
         for q in 0..2 {
             let (desc, _, _) = ring_addrs(q);
             self.mem
@@ -403,6 +420,48 @@ fn reset_then_reactivate_starts_a_new_session() {
     let unique = guest.unique();
     let reply = guest.send(1, &fuse_lookup(unique, "missing"));
     assert_eq!(reply.error(), -libc::ENOENT);
+}
+
+/// A virtiofsd that stops answering (SIGSTOP) costs the vCPU thread nothing: activation only
+/// queues the exchange, and the device's mutex, which the event loop needs, stays free while
+/// the worker waits. The watchdog then ends the exchange and the device is marked broken.
+#[test]
+fn a_stalled_virtiofsd_blocks_neither_the_vcpu_nor_the_device() {
+    let vfs = Virtiofsd::start();
+    let timeouts = Timeouts {
+        connect: CONNECT_TIMEOUT,
+        exchange: Duration::from_millis(500),
+    };
+    let mut guest = Guest::connect_with(&vfs, timeouts);
+    let pid = vfs.child.id() as libc::pid_t;
+    // SAFETY: signals to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let t = Instant::now();
+    guest.start_activation();
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "activation waited for virtiofsd: {:?}",
+        t.elapsed()
+    );
+    // The worker is now blocked on virtiofsd; the lock is still ours to take at once.
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let fs = guest.fs.lock().unwrap();
+    assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    assert!(
+        !fs.broken.load(Ordering::SeqCst),
+        "failed before the timeout"
+    );
+    drop(fs);
+    guest.fs.lock().unwrap().wait_backend();
+    assert!(
+        guest.fs.lock().unwrap().broken.load(Ordering::SeqCst),
+        "a stalled exchange must leave the device broken"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // A broken device refuses a reset instead of talking to virtiofsd again.
+    assert!(!guest.fs.lock().unwrap().reset());
 }
 
 #[test]

@@ -4,17 +4,19 @@
 //! fails with `EAGAIN`, so a socket receive timeout would not bound a back end that is alive but
 //! silent (a hung virtiofsd, or a listener that never accepts). Shutting the socket down does:
 //! the pending read then sees end-of-file and the request fails. The watchdog thread is started
-//! once, in `Fs::new` (on the VMM's main thread, before any seccomp filter), because `activate`
-//! runs on a vCPU thread that may not be allowed to create threads.
+//! once, in `Fs::new` (on the VMM's main thread, before any seccomp filter or jail), and
+//! guards the handshake there and then the exchanges of the vhost-user worker (`backend`).
 
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use crate::devices::helper_thread::{Control, HelperThread};
+use crate::seccomp::ThreadKind;
 
 enum Command {
     Arm {
@@ -22,14 +24,11 @@ enum Command {
         what: &'static str,
     },
     Disarm,
-    /// Install the watchdog's seccomp filter on the thread, and say how that went.
-    Confine(SyncSender<Result<(), String>>),
-    /// Join the VMM's jail: its mount namespace and root (raw fds, open until the reply).
-    JoinJail {
-        mount_ns: RawFd,
-        root: RawFd,
-        reply: SyncSender<Result<(), String>>,
-    },
+    /// A request from the controller (jail, seccomp).
+    Control(Control),
+    /// End the thread (the controller's handles hold senders too, so the channel alone
+    /// would not close).
+    Stop,
 }
 
 pub(super) struct Watchdog {
@@ -58,24 +57,8 @@ impl Watchdog {
                     match cmd {
                         Ok(Command::Arm { deadline, what }) => armed = Some((deadline, what)),
                         Ok(Command::Disarm) => armed = None,
-                        Ok(Command::JoinJail {
-                            mount_ns,
-                            root,
-                            reply,
-                        }) => {
-                            // SAFETY: the jail holds both fds open until it has our reply.
-                            let (ns, root) = unsafe {
-                                (BorrowedFd::borrow_raw(mount_ns), BorrowedFd::borrow_raw(root))
-                            };
-                            let r = crate::jail::join_from_thread(ns, root)
-                                .map_err(|e| format!("the virtio-fs watchdog: {e}"));
-                            let _ = reply.send(r);
-                        }
-                        Ok(Command::Confine(reply)) => {
-                            let r = crate::seccomp::install(crate::seccomp::ThreadKind::Watchdog)
-                                .map_err(|e| e.to_string());
-                            let _ = reply.send(r);
-                        }
+                        Ok(Command::Control(c)) => c.run("the virtio-fs watchdog"),
+                        Ok(Command::Stop) => return,
                         Err(RecvTimeoutError::Timeout) => {
                             let what = armed.take().map_or("?", |(_, what)| what);
                             tracing::error!(
@@ -107,10 +90,16 @@ impl Watchdog {
         Armed(self)
     }
 
-    /// A way to put the watchdog thread under its seccomp filter later (at VM start, when the
-    /// VMM's threads are confined; not at creation, so unit tests stay unfiltered).
-    pub(super) fn confiner(&self) -> Confiner {
-        Confiner(self.tx.clone())
+    /// The controller's handle on the thread, to jail and filter it once the VM starts (not
+    /// at creation, so unit tests stay unfiltered).
+    pub(super) fn helper(&self) -> Option<HelperThread> {
+        let tx = self.tx.clone()?;
+        Some(HelperThread::new(
+            "virtio-fs watchdog",
+            ThreadKind::Watchdog,
+            tx,
+            Command::Control,
+        ))
     }
 
     fn send(&self, cmd: Command) {
@@ -137,42 +126,14 @@ impl Drop for Armed<'_> {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        // Dropping the sender ends the thread's loop; join it so its socket handle is closed
-        // before the device is gone (virtiofsd sees the hang-up only once every copy is closed).
-        drop(self.tx.take());
+        // Stop ends the thread's loop; join it so its socket handle is closed before the
+        // device is gone (virtiofsd sees the hang-up only once every copy is closed).
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Command::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-    }
-}
-
-/// Confines a watchdog thread (see [`Watchdog::confiner`]): into the jail, under its filter.
-pub struct Confiner(Option<Sender<Command>>);
-
-impl crate::jail::JoinJail for Confiner {
-    fn join(&self, mount_ns: BorrowedFd<'_>, root: BorrowedFd<'_>) -> Result<(), String> {
-        let (reply, done) = mpsc::sync_channel(1);
-        let tx = self.0.as_ref().ok_or("the watchdog has no thread")?;
-        tx.send(Command::JoinJail {
-            mount_ns: mount_ns.as_raw_fd(),
-            root: root.as_raw_fd(),
-            reply,
-        })
-        .map_err(|_| "the watchdog thread is gone".to_string())?;
-        done.recv()
-            .map_err(|_| "the watchdog thread ended before joining the jail".to_string())?
-    }
-}
-
-impl Confiner {
-    /// Installs the filter on the watchdog's thread; returns once it is in force.
-    pub fn confine(&self) -> Result<(), String> {
-        let (reply, done) = mpsc::sync_channel(1);
-        let tx = self.0.as_ref().ok_or("the watchdog has no thread")?;
-        tx.send(Command::Confine(reply))
-            .map_err(|_| "the watchdog thread is gone".to_string())?;
-        done.recv()
-            .map_err(|_| "the watchdog thread ended before confining itself".to_string())?
     }
 }
 
@@ -186,7 +147,10 @@ mod tests {
     fn a_confined_watchdog_still_fires() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let dog = Watchdog::start(ours).unwrap();
-        dog.confiner().confine().expect("confine the watchdog");
+        dog.helper()
+            .unwrap()
+            .confine()
+            .expect("confine the watchdog");
         let _armed = dog.arm(Duration::from_millis(50), "test");
         theirs
             .set_read_timeout(Some(Duration::from_secs(10)))
