@@ -174,10 +174,8 @@ fn run(args: Args, start: Instant) -> anyhow::Result<VmmExitStatus> {
         ExitReason::GuestPanic => tracing::error!("VM ended: the guest kernel panicked"),
         r => tracing::info!("VM ended: {}", r.name()),
     }
+    // The cleanup helper removes the socket files: the VMM's own filter has no unlink.
     lock(&ctl).finish_cleanup();
-    if let Some(p) = &api_sock {
-        let _ = std::fs::remove_file(p);
-    }
     Ok(reason.exit_status())
 }
 

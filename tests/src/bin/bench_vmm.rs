@@ -169,8 +169,7 @@ fn stats(v: &mut [Duration]) -> (f64, f64, f64) {
 }
 
 /// One start-up: (phase name, ms) in order, then ("first KVM_RUN", ms since VMM start).
-fn startup_once() -> Vec<(String, f64)> {
-    let mut c = husk_cmd("boot");
+fn startup_once(mut c: Command) -> Vec<(String, f64)> {
     c.args(["--serial", "none"])
         .env("HUSK_LOG", "info")
         .stdin(Stdio::null())
@@ -211,10 +210,23 @@ fn startup_once() -> Vec<(String, f64)> {
 }
 
 fn startup_table(runs: usize) {
-    let all: Vec<_> = (0..runs).map(|_| startup_once()).collect();
+    // Alternating, so both see the same host.
+    let (mut all, mut jailed) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        all.push(startup_once(husk_cmd("boot")));
+        jailed.push(startup_once(husk_jailed_cmd("boot", i)));
+    }
     println!("husk-vmm start-up on this host ({runs} runs, {MEM_MIB} MiB, medians)");
     println!("| phase | median (ms) | min (ms) | max (ms) |");
     println!("| --- | --- | --- | --- |");
+    let total = |runs: &[Vec<(String, f64)>]| {
+        let mut v: Vec<Duration> = runs
+            .iter()
+            .filter_map(|r| r.last())
+            .map(|(_, ms)| Duration::from_secs_f64(ms / 1000.0))
+            .collect();
+        stats(&mut v)
+    };
     for (i, (name, _)) in all[0].iter().enumerate() {
         let mut v: Vec<Duration> = all
             .iter()
@@ -229,6 +241,10 @@ fn startup_table(runs: usize) {
         };
         println!("| {label} | {m:.2} | {lo:.2} | {hi:.2} |");
     }
+    let (m, lo, hi) = total(&jailed);
+    let (plain, _, _) = total(&all);
+    println!("| jailed (as the sandbox layer runs it): VMM start to first KVM_RUN | {m:.2} | {lo:.2} | {hi:.2} |");
+    println!("| jail cost (jailed minus plain, medians) | {:.2} | | |", m - plain);
 }
 
 fn main() {

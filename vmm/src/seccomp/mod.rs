@@ -242,6 +242,25 @@ fn arg_masked(arg: u8, mask: u64, value: u64) -> Result<SeccompRule, BackendErro
     )?])
 }
 
+/// `socket(AF_UNIX, SOCK_STREAM | flags, _)`: the type's low bits are the kind, the rest
+/// are `SOCK_NONBLOCK`/`SOCK_CLOEXEC`.
+fn unix_stream_socket() -> Rules {
+    Ok(vec![SeccompRule::new(vec![
+        SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )?,
+        SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(0xf),
+            libc::SOCK_STREAM as u64,
+        )?,
+    ])?])
+}
+
 /// An ioctl request as a filter value. `libc::Ioctl` is `c_ulong` with glibc but `c_int` with
 /// musl; the kernel (and the filter's 32-bit compare) only looks at the low 32 bits.
 #[allow(clippy::unnecessary_cast)]
@@ -341,18 +360,18 @@ fn allow_list(kind: ThreadKind) -> Result<Vec<Allowed>, BackendError> {
             // vhost-user to virtiofsd (sendmsg/recvmsg), std's socket reads and vsock's send
             // (recvfrom/sendto), closing vsock streams (shutdown).
             allow!(SYS_accept4),
-            // Reaping the socket-cleanup helper at exit (crate::cleanup), and removing
-            // the vsock and API socket files when the VM ends.
+            // Reaping the socket-cleanup helper at exit (crate::cleanup), which removes the
+            // socket files: the VMM itself has no unlink, so it cannot delete host files.
             allow!(SYS_wait4),
-            allow!(SYS_unlink),
             allow!(SYS_recvmsg),
             allow!(SYS_sendmsg),
             allow!(SYS_recvfrom),
             allow!(SYS_sendto),
             allow!(SYS_shutdown),
-            // Guest-initiated vsock connections go to `<uds_path>_<port>`: a new Unix socket and
-            // a connect. Unix only: a compromised VMM cannot reach the network.
-            allow!(SYS_socket, arg_in(0, &[libc::AF_UNIX as u64])?),
+            // Guest-initiated vsock connections go to `<uds_path>_<port>`: a new Unix stream
+            // socket and a connect (inside the jail's directory when jailed). Unix streams
+            // only: a compromised VMM cannot reach the network or the host's datagram sockets.
+            allow!(SYS_socket, unix_stream_socket()?),
             allow!(SYS_connect),
             // ioctl: tap set-up that happens again when a device is reset, and std's
             // set_nonblocking (FIONBIO). No KVM ioctl: the VM is built before this filter.

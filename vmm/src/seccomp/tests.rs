@@ -135,6 +135,44 @@ fn child_vmm_socket_domains() {
 }
 
 #[test]
+#[ignore = "runs in a child process, from vmm_thread_may_not_open_unix_datagram_sockets"]
+fn child_vmm_unix_datagram() {
+    if !is_child() {
+        return;
+    }
+    on_filtered_thread(ThreadKind::Vmm, || {
+        // SAFETY: plain syscall; the filter stops it.
+        unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        eprintln!("AF_UNIX datagram socket allowed: the filter let it through");
+    });
+}
+
+#[test]
+fn vmm_thread_may_not_open_unix_datagram_sockets() {
+    let out = run_child("child_vmm_unix_datagram", &[]);
+    assert_killed_by_sigsys(&out, libc::SYS_socket);
+}
+
+#[test]
+#[ignore = "runs in a child process, from vmm_thread_may_not_unlink"]
+fn child_vmm_unlink() {
+    if !is_child() {
+        return;
+    }
+    on_filtered_thread(ThreadKind::Vmm, || {
+        // SAFETY: a static path; the filter stops the call before it looks at it.
+        unsafe { libc::unlink(c"/nonexistent-husk-seccomp-test".as_ptr()) };
+        eprintln!("unlink allowed: the filter let it through");
+    });
+}
+
+#[test]
+fn vmm_thread_may_not_unlink() {
+    let out = run_child("child_vmm_unlink", &[]);
+    assert_killed_by_sigsys(&out, libc::SYS_unlink);
+}
+
+#[test]
 fn vmm_thread_may_open_unix_sockets_only() {
     let out = run_child("child_vmm_socket_domains", &[]);
     assert_killed_by_sigsys(&out, libc::SYS_socket);

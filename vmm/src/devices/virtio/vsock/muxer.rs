@@ -642,13 +642,6 @@ impl VsockMuxer {
     }
 }
 
-impl Drop for VsockMuxer {
-    fn drop(&mut self) {
-        // Streams and the listener close with their fds; the socket file would outlive us.
-        let _ = std::fs::remove_file(&self.uds_path);
-    }
-}
-
 /// Parses `CONNECT <port>` (the keyword in any case, surrounding blanks allowed).
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?;
