@@ -244,7 +244,10 @@ fn startup_table(runs: usize) {
     let (m, lo, hi) = total(&jailed);
     let (plain, _, _) = total(&all);
     println!("| jailed (as the sandbox layer runs it): VMM start to first KVM_RUN | {m:.2} | {lo:.2} | {hi:.2} |");
-    println!("| jail cost (jailed minus plain, medians) | {:.2} | | |", m - plain);
+    println!(
+        "| jail cost (jailed minus plain, medians) | {:.2} | | |",
+        m - plain
+    );
 }
 
 fn main() {
