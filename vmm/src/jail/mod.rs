@@ -153,6 +153,7 @@ pub fn enter(spec: &JailSpec, helpers: &[&dyn JoinJail]) -> Result<(), JailError
     }
 
     let dir = prepare_dir(dir)?;
+    let mut steps = StepTimes::start();
     let c_dir =
         CString::new(dir.as_os_str().as_bytes()).map_err(|_| JailError::BadPath(dir.clone()))?;
 
@@ -168,6 +169,7 @@ pub fn enter(spec: &JailSpec, helpers: &[&dyn JoinJail]) -> Result<(), JailError
     })?;
     // Opened now, while /proc is reachable: the helpers join this namespace after the pivot.
     let mount_ns = open_path(c"/proc/thread-self/ns/mnt", "open the new mount namespace")?;
+    steps.mark("namespaces");
     check("making mounts private", unsafe {
         libc::mount(
             std::ptr::null(),
@@ -186,6 +188,7 @@ pub fn enter(spec: &JailSpec, helpers: &[&dyn JoinJail]) -> Result<(), JailError
             std::ptr::null(),
         )
     })?;
+    steps.mark("private mounts");
     check("chdir into the jail", unsafe {
         libc::chdir(c_dir.as_ptr())
     })?;
@@ -214,6 +217,7 @@ pub fn enter(spec: &JailSpec, helpers: &[&dyn JoinJail]) -> Result<(), JailError
     check("chdir to the new root", unsafe {
         libc::chdir(c"/".as_ptr())
     })?;
+    steps.mark(how);
     let root = open_path(c"/", "open the jail's root")?;
     for helper in helpers {
         helper
@@ -221,6 +225,7 @@ pub fn enter(spec: &JailSpec, helpers: &[&dyn JoinJail]) -> Result<(), JailError
             .map_err(JailError::Helper)?;
     }
     drop((mount_ns, root));
+    steps.mark("helpers");
     spec.limits.apply()?;
 
     check("PR_SET_NO_NEW_PRIVS", unsafe {
@@ -239,8 +244,9 @@ pub fn enter(spec: &JailSpec, helpers: &[&dyn JoinJail]) -> Result<(), JailError
     check("PR_SET_PDEATHSIG", unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
     })?;
+    steps.mark("privileges");
     info!(
-        "jail: entered {} ({how}) as uid {uid} gid {gid}",
+        "jail: entered {} ({how}) as uid {uid} gid {gid}: {steps}",
         dir.display()
     );
     Ok(())
@@ -258,6 +264,37 @@ fn open_path(path: &std::ffi::CStr, step: &'static str) -> Result<OwnedFd, JailE
     }
     // SAFETY: a fresh fd nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// How long each part of `enter` took, for its log line (the jail's share of a VM's start).
+struct StepTimes {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl StepTimes {
+    fn start() -> StepTimes {
+        StepTimes {
+            last: std::time::Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for StepTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, d)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {:.2} ms", d.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
+    }
 }
 
 fn check(step: &'static str, ret: libc::c_int) -> Result<(), JailError> {
