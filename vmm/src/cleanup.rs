@@ -52,14 +52,7 @@ pub struct CleanupGuard {
 
 /// Forks the helper. Call it before guest memory is allocated (see the module docs).
 pub fn spawn() -> Result<CleanupGuard, CleanupError> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(CleanupError::Pipe(std::io::Error::last_os_error()));
-    }
-    // SAFETY: both fds are fresh and owned by nobody else.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) = pipe()?;
     // SAFETY: the child only uses async-signal-safe calls (close_range, read, lstat, unlink,
     // _exit) on its own stack buffer; it never returns into Rust code of the parent.
     let pid = unsafe { libc::fork() };
@@ -75,6 +68,17 @@ pub fn spawn() -> Result<CleanupGuard, CleanupError> {
     }
 }
 
+/// The helper's pipe: (read end, write end), both close-on-exec.
+fn pipe() -> Result<(OwnedFd, OwnedFd), CleanupError> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(CleanupError::Pipe(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds are fresh and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Exit status a VMM that is PID 1 uses for "killed by SIGSYS": the kernel does not deliver
 /// a signal a namespace's init sends itself, so the seccomp report exits with it instead and
 /// the helper turns it back into death by SIGSYS.
@@ -84,14 +88,7 @@ pub const SIGSYS_EXIT: i32 = 128 + libc::SIGSYS;
 /// the cleanup helper (see the module docs). Returns in the VMM only. Call it first thing,
 /// while the process has one thread, and before guest memory exists.
 pub fn spawn_in_new_pid_namespace() -> Result<CleanupGuard, CleanupError> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(CleanupError::Pipe(std::io::Error::last_os_error()));
-    }
-    // SAFETY: both fds are fresh and owned by nobody else.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) = pipe()?;
     // Opened before the fork, on ourselves: the child's way to see whether we still live once
     // its death signal is armed (a parent that died before that would leave it running).
     // SAFETY: pidfd_open on our own pid; the result is checked and owned.

@@ -257,10 +257,7 @@ fn fs_share_reads_and_writes_host_files() {
     husk_tests::require_kvm();
     let d = tmpdir("fs");
     let share = d.join("share");
-    std::fs::create_dir_all(&share).unwrap();
-    std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
-    let sock = d.join("vfs.sock");
-    let mut vfsd = spawn_virtiofsd(&share, &sock);
+    let (sock, mut vfsd) = shared_dir(&d);
     let o = vmm_proc::run(
         "fs",
         "",
@@ -276,6 +273,17 @@ fn fs_share_reads_and_writes_host_files() {
         "written by the guest\n"
     );
     std::fs::remove_dir_all(d).unwrap();
+}
+
+/// `<d>/share` (holding hello.txt) served by virtiofsd on `<d>/vfs.sock`: the socket, and
+/// virtiofsd for the test to kill.
+fn shared_dir(d: &Path) -> (PathBuf, std::process::Child) {
+    let share = d.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
+    let sock = d.join("vfs.sock");
+    let vfsd = spawn_virtiofsd(&share, &sock);
+    (sock, vfsd)
 }
 
 /// virtiofsd serving `share` on `sock`, as the tests need it (no sandbox, no cache).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use husk_tests::vmm_proc::{self, VmmExitStatus};
 
-use super::{connect_guest, spawn_virtiofsd, tmpdir, T};
+use super::{connect_guest, shared_dir, tmpdir, T};
 
 /// An id from the sandbox layer's jail range (`husk_shim::sandbox::jail`).
 const JAIL_ID: u32 = husk_shim::sandbox::jail::UID_BASE + 4242;
@@ -30,10 +30,7 @@ fn jailed(test: &str, d: &Path, sock: &Path) -> std::process::Command {
 fn a_jailed_vmm_sees_only_its_jail_and_dies_on_a_forbidden_call() {
     husk_tests::require_kvm();
     let d = tmpdir("jail-self");
-    let share = d.join("share");
-    std::fs::create_dir_all(&share).unwrap();
-    let sock = d.join("vfs.sock");
-    let mut vfsd = spawn_virtiofsd(&share, &sock);
+    let (sock, mut vfsd) = shared_dir(&d);
     // A path that exists outside: the jailed VMM must not find it.
     let outside = d.join("outside-marker");
     std::fs::write(&outside, "x").unwrap();
@@ -102,11 +99,7 @@ fn task_roots(pid: u32) -> Vec<(String, (u64, u64))> {
 fn a_jailed_vmm_serves_vsock_both_ways_with_every_thread_inside() {
     husk_tests::require_kvm();
     let d = tmpdir("jail-run");
-    let share = d.join("share");
-    std::fs::create_dir_all(&share).unwrap();
-    std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
-    let sock = d.join("vfs.sock");
-    let mut vfsd = spawn_virtiofsd(&share, &sock);
+    let (sock, mut vfsd) = shared_dir(&d);
     let jail = d.join("jail");
     std::fs::create_dir_all(&jail).unwrap();
     let uds = jail.join("vsock.sock");

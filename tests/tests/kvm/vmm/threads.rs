@@ -27,10 +27,7 @@ fn thread_modes(pid: u32) -> Vec<(String, String)> {
 fn every_vmm_thread_runs_under_seccomp() {
     husk_tests::require_kvm();
     let d = tmpdir("threads");
-    let share = d.join("share");
-    std::fs::create_dir_all(&share).unwrap();
-    let sock = d.join("vfs.sock");
-    let mut vfsd = super::spawn_virtiofsd(&share, &sock);
+    let (sock, mut vfsd) = super::shared_dir(&d);
     let disk = d.join("disk.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(1 << 20))
