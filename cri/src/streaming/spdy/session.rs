@@ -1,0 +1,671 @@
+//! A server-side SPDY/3.1 session over an upgraded connection.
+//!
+//! One reader task decodes frames (owning the receive zlib context), one writer task
+//! encodes them (owning the send context); everything else talks to the writer through a
+//! channel, so frames go out whole and in order.
+//!
+//! Streams: the client opens every stream (kubelet's protocol); each SYN_STREAM is answered
+//! with a SYN_REPLY at once (as k8s.io/apimachinery's spdy server does) and handed to
+//! `Session::accept`.
+//!
+//! Flow control (SPDY/3.1 section 2.6.8): we track the peer's per-stream and session
+//! windows (64 KiB initially, raised by WINDOW_UPDATE and SETTINGS_INITIAL_WINDOW_SIZE),
+//! and acknowledge what we receive with WINDOW_UPDATEs. Go's spdystream, which kubectl and
+//! crictl use, neither sends WINDOW_UPDATE nor honours ours; blocking on its window would
+//! hang every exec that prints more than 64 KiB. So the send window is enforced only once
+//! the peer has shown it does flow control (a WINDOW_UPDATE or an initial-window SETTINGS).
+//! Receive memory is bounded regardless: each stream's inbound queue holds a few frames
+//! and the reader stops reading the socket while it is full.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::frame::{
+    goaway, rst, Frame, FrameDecoder, FrameEncoder, FrameError, Headers, FLAG_FIN,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+};
+
+/// SPDY/3.1's default initial window, per stream and for the session.
+pub const DEFAULT_WINDOW: u32 = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Largest frame accepted from the peer.
+    pub max_frame_len: usize,
+    /// Largest inflated header block accepted from the peer.
+    pub max_header_block: usize,
+    /// Largest DATA frame we send.
+    pub max_send_frame: usize,
+    /// Streams open at once; more are refused with RST_STREAM REFUSED_STREAM.
+    pub max_streams: usize,
+    /// Inbound frames queued per stream before the reader stops reading the socket.
+    pub stream_queue: usize,
+    /// Send a PING this often (kubelet's clients do the same, to keep proxies from
+    /// closing an idle exec).
+    pub ping_interval: Option<Duration>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_len: 256 * 1024,
+            max_header_block: 64 * 1024,
+            max_send_frame: 32 * 1024,
+            max_streams: 256,
+            stream_queue: 8,
+            ping_interval: Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection closed")]
+    Closed,
+    #[error("stream {0} was reset by the peer")]
+    Reset(u32),
+    #[error("stream {0} is already finished")]
+    Finished(u32),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] FrameError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+enum Out {
+    Frame(Frame),
+    /// GOAWAY, flush, shut the socket down.
+    Shutdown(u32),
+}
+
+#[derive(Default)]
+struct StreamState {
+    inbound: Option<mpsc::Sender<Bytes>>,
+    send_window: i64,
+    recv_unacked: u32,
+    reset: bool,
+    fin_sent: bool,
+}
+
+struct Shared {
+    streams: HashMap<u32, StreamState>,
+    session_send_window: i64,
+    initial_send_window: i64,
+    enforce_flow_control: bool,
+    closed: bool,
+}
+
+struct Inner {
+    state: Mutex<Shared>,
+    window_changed: Notify,
+    out: mpsc::Sender<Out>,
+    cfg: SessionConfig,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves plain counters behind: keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A stream the client opened, with its headers.
+pub struct Stream {
+    pub id: u32,
+    pub headers: Headers,
+    pub reader: StreamReader,
+    pub writer: StreamWriter,
+}
+
+/// The inbound half: data until the peer's FIN (or a reset, or the connection's end).
+pub struct StreamReader {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl StreamReader {
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        self.rx.recv().await
+    }
+}
+
+/// The outbound half; clones share the stream.
+#[derive(Clone)]
+pub struct StreamWriter {
+    id: u32,
+    inner: Arc<Inner>,
+}
+
+impl StreamWriter {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Sends `data` in DATA frames, waiting for window where the peer does flow control.
+    pub async fn write_all(&self, mut data: &[u8]) -> Result<(), SessionError> {
+        while !data.is_empty() {
+            let n = self.reserve(data.len()).await?;
+            let (chunk, rest) = data.split_at(n);
+            self.send(Frame::Data {
+                stream_id: self.id,
+                flags: 0,
+                data: Bytes::copy_from_slice(chunk),
+            })
+            .await?;
+            data = rest;
+        }
+        Ok(())
+    }
+
+    /// Half-closes our side (an empty DATA frame with FIN). Idempotent.
+    pub async fn finish(&self) -> Result<(), SessionError> {
+        {
+            let mut s = self.inner.lock();
+            let st = s.streams.get_mut(&self.id).ok_or(SessionError::Closed)?;
+            if st.fin_sent || st.reset {
+                return Ok(());
+            }
+            st.fin_sent = true;
+        }
+        self.send(Frame::Data {
+            stream_id: self.id,
+            flags: FLAG_FIN,
+            data: Bytes::new(),
+        })
+        .await?;
+        self.inner.maybe_forget(self.id);
+        Ok(())
+    }
+
+    /// Aborts the stream with RST_STREAM.
+    pub async fn reset(&self, status: u32) -> Result<(), SessionError> {
+        {
+            let mut s = self.inner.lock();
+            if let Some(st) = s.streams.get_mut(&self.id) {
+                st.reset = true;
+                st.inbound = None;
+            }
+        }
+        self.inner.lock().streams.remove(&self.id);
+        self.send(Frame::RstStream {
+            stream_id: self.id,
+            status,
+        })
+        .await
+    }
+
+    async fn send(&self, f: Frame) -> Result<(), SessionError> {
+        self.inner
+            .out
+            .send(Out::Frame(f))
+            .await
+            .map_err(|_| SessionError::Closed)
+    }
+
+    /// Waits until at least one byte may be sent and takes up to `want` of the window.
+    async fn reserve(&self, want: usize) -> Result<usize, SessionError> {
+        let want = want.min(self.inner.cfg.max_send_frame) as i64;
+        loop {
+            let mut notified = pin!(self.inner.window_changed.notified());
+            notified.as_mut().enable();
+            {
+                let mut s = self.inner.lock();
+                if s.closed {
+                    return Err(SessionError::Closed);
+                }
+                let enforce = s.enforce_flow_control;
+                let session_window = s.session_send_window;
+                let st = s.streams.get_mut(&self.id).ok_or(SessionError::Closed)?;
+                if st.reset {
+                    return Err(SessionError::Reset(self.id));
+                }
+                if st.fin_sent {
+                    return Err(SessionError::Finished(self.id));
+                }
+                let n = if enforce {
+                    want.min(st.send_window).min(session_window)
+                } else {
+                    want
+                };
+                if n > 0 {
+                    st.send_window -= n;
+                    s.session_send_window -= n;
+                    return Ok(n as usize);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Inner {
+    /// Drops a stream's state once both directions are done.
+    fn maybe_forget(&self, id: u32) {
+        let mut s = self.lock();
+        if let Some(st) = s.streams.get(&id) {
+            if st.fin_sent && st.inbound.is_none() {
+                s.streams.remove(&id);
+            }
+        }
+    }
+}
+
+/// A running session: accept streams, then `close` it.
+pub struct Session {
+    incoming: mpsc::Receiver<Stream>,
+    inner: Arc<Inner>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Session {
+    pub fn start<IO>(io: IO, cfg: SessionConfig) -> Session
+    where
+        IO: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(io);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let (in_tx, in_rx) = mpsc::channel(16);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(Shared {
+                streams: HashMap::new(),
+                session_send_window: i64::from(DEFAULT_WINDOW),
+                initial_send_window: i64::from(DEFAULT_WINDOW),
+                enforce_flow_control: false,
+                closed: false,
+            }),
+            window_changed: Notify::new(),
+            out: out_tx,
+            cfg,
+        });
+        let writer = tokio::spawn(write_loop(wr, out_rx, inner.clone()));
+        let reader = tokio::spawn(read_loop(rd, in_tx, inner.clone()));
+        Session {
+            incoming: in_rx,
+            inner,
+            reader,
+            writer,
+        }
+    }
+
+    /// The next stream the client opens; `None` once the connection is gone.
+    pub async fn accept(&mut self) -> Option<Stream> {
+        self.incoming.recv().await
+    }
+
+    /// Sends GOAWAY, flushes what is queued and closes the connection.
+    pub async fn close(mut self) {
+        let _ = self.inner.out.send(Out::Shutdown(goaway::OK)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.writer).await;
+        self.reader.abort();
+        mark_closed(&self.inner);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // `close` consumed the handles' work already; for a dropped session, stop both
+        // tasks so the socket is released.
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+fn mark_closed(inner: &Inner) {
+    let mut s = inner.lock();
+    s.closed = true;
+    for st in s.streams.values_mut() {
+        st.inbound = None;
+    }
+    drop(s);
+    inner.window_changed.notify_waiters();
+}
+
+async fn write_loop<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Out>, inner: Arc<Inner>) {
+    let mut wr = pin!(wr);
+    let mut enc = FrameEncoder::new();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut ping_id: u32 = 0;
+    let mut ticker = inner.cfg.ping_interval.map(tokio::time::interval);
+    loop {
+        let msg = match ticker.as_mut() {
+            Some(t) => tokio::select! {
+                m = rx.recv() => m,
+                _ = t.tick() => {
+                    // Server-initiated pings carry even ids (section 2.6.5).
+                    ping_id = ping_id.wrapping_add(2).max(2);
+                    Some(Out::Frame(Frame::Ping { id: ping_id }))
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(msg) = msg else { break };
+        let (frame, shutdown) = match msg {
+            Out::Frame(f) => (f, false),
+            Out::Shutdown(status) => {
+                let last = inner.lock().streams.keys().copied().max().unwrap_or(0);
+                (
+                    Frame::GoAway {
+                        last_good_stream_id: last,
+                        status,
+                    },
+                    true,
+                )
+            }
+        };
+        buf.clear();
+        if let Err(e) = enc.encode(&frame, &mut buf) {
+            warn!(error = %e, "spdy: cannot encode a frame");
+            break;
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            debug!(error = %e, "spdy: write failed");
+            break;
+        }
+        // Flush when nothing else is queued: batches bursts, never sits on a lone frame.
+        if (rx.is_empty() || shutdown) && wr.flush().await.is_err() {
+            break;
+        }
+        if shutdown {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+    mark_closed(&inner);
+}
+
+async fn read_loop<R: AsyncRead>(rd: R, incoming: mpsc::Sender<Stream>, inner: Arc<Inner>) {
+    let mut rd = pin!(rd);
+    let cfg = inner.cfg.clone();
+    let mut dec = FrameDecoder::new(cfg.max_frame_len, cfg.max_header_block);
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut last_stream_id = 0u32;
+    let mut going_away = false;
+    let result: Result<(), SessionError> = async {
+        loop {
+            while let Some(frame) = dec.decode(&mut buf)? {
+                handle_frame(
+                    frame,
+                    &inner,
+                    &incoming,
+                    &mut last_stream_id,
+                    &mut going_away,
+                )
+                .await?;
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            if rd.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => debug!("spdy: peer closed the connection"),
+        Err(SessionError::Protocol(e)) => {
+            warn!(error = %e, "spdy: protocol error, closing the connection");
+            let _ = inner.out.send(Out::Shutdown(goaway::PROTOCOL_ERROR)).await;
+        }
+        Err(e) => debug!(error = %e, "spdy: read side ended"),
+    }
+    // Ends every stream's inbound half; writers fail once the writer task is gone.
+    let mut s = inner.lock();
+    for st in s.streams.values_mut() {
+        st.inbound = None;
+    }
+}
+
+async fn handle_frame(
+    frame: Frame,
+    inner: &Arc<Inner>,
+    incoming: &mpsc::Sender<Stream>,
+    last_stream_id: &mut u32,
+    going_away: &mut bool,
+) -> Result<(), SessionError> {
+    let out = |f: Frame| async {
+        inner
+            .out
+            .send(Out::Frame(f))
+            .await
+            .map_err(|_| SessionError::Closed)
+    };
+    match frame {
+        Frame::SynStream {
+            stream_id,
+            flags,
+            headers,
+            ..
+        } => {
+            // Client streams are odd and increasing (section 2.3.2); anything else is a
+            // protocol error for the whole session.
+            if stream_id % 2 == 0 || stream_id <= *last_stream_id {
+                return Err(FrameError::Malformed {
+                    kind: "SYN_STREAM",
+                    why: format!("stream id {stream_id} after {last_stream_id}"),
+                }
+                .into());
+            }
+            *last_stream_id = stream_id;
+            let open = inner.lock().streams.len();
+            if *going_away || open >= inner.cfg.max_streams {
+                return out(Frame::RstStream {
+                    stream_id,
+                    status: rst::REFUSED_STREAM,
+                })
+                .await;
+            }
+            let (tx, rx) = mpsc::channel(inner.cfg.stream_queue);
+            {
+                let mut s = inner.lock();
+                let w = s.initial_send_window;
+                s.streams.insert(
+                    stream_id,
+                    StreamState {
+                        inbound: (flags & FLAG_FIN == 0).then_some(tx),
+                        send_window: w,
+                        ..Default::default()
+                    },
+                );
+            }
+            out(Frame::SynReply {
+                stream_id,
+                flags: 0,
+                headers: Headers::new(),
+            })
+            .await?;
+            let stream = Stream {
+                id: stream_id,
+                headers,
+                reader: StreamReader { rx },
+                writer: StreamWriter {
+                    id: stream_id,
+                    inner: inner.clone(),
+                },
+            };
+            if incoming.send(stream).await.is_err() {
+                // Nobody accepts streams any more: refuse it.
+                inner.lock().streams.remove(&stream_id);
+                out(Frame::RstStream {
+                    stream_id,
+                    status: rst::REFUSED_STREAM,
+                })
+                .await?;
+            }
+        }
+        Frame::Data {
+            stream_id,
+            flags,
+            data,
+        } => {
+            let len = data.len() as u32;
+            let tx = {
+                let s = inner.lock();
+                s.streams.get(&stream_id).map(|st| st.inbound.clone())
+            };
+            match tx {
+                None => {
+                    if stream_id > *last_stream_id {
+                        out(Frame::RstStream {
+                            stream_id,
+                            status: rst::INVALID_STREAM,
+                        })
+                        .await?;
+                    } else {
+                        // Data racing our close of the stream: drop it.
+                        debug!(stream_id, "spdy: data for a closed stream");
+                    }
+                    // Still acknowledged for the session window.
+                    if len > 0 {
+                        out(Frame::WindowUpdate {
+                            stream_id: 0,
+                            delta: len,
+                        })
+                        .await?;
+                    }
+                    return Ok(());
+                }
+                Some(None) => {
+                    if len > 0 {
+                        // Data after the peer's FIN.
+                        out(Frame::RstStream {
+                            stream_id,
+                            status: rst::STREAM_ALREADY_CLOSED,
+                        })
+                        .await?;
+                    }
+                }
+                Some(Some(tx)) => {
+                    if len > 0 && tx.send(data).await.is_err() {
+                        debug!(stream_id, "spdy: data for a stream nobody reads");
+                    }
+                }
+            }
+            if len > 0 {
+                // Acknowledge consumed data: once per half window per stream, and at
+                // once for the session (cheap, and keeps a flow-controlling peer going).
+                let ack = {
+                    let mut s = inner.lock();
+                    s.streams.get_mut(&stream_id).and_then(|st| {
+                        st.recv_unacked += len;
+                        (st.recv_unacked >= DEFAULT_WINDOW / 2)
+                            .then(|| std::mem::take(&mut st.recv_unacked))
+                    })
+                };
+                if let Some(delta) = ack {
+                    out(Frame::WindowUpdate { stream_id, delta }).await?;
+                }
+                out(Frame::WindowUpdate {
+                    stream_id: 0,
+                    delta: len,
+                })
+                .await?;
+            }
+            if flags & FLAG_FIN != 0 {
+                close_inbound(inner, stream_id);
+            }
+        }
+        Frame::Headers {
+            stream_id, flags, ..
+        } => {
+            if flags & FLAG_FIN != 0 {
+                close_inbound(inner, stream_id);
+            }
+        }
+        Frame::RstStream { stream_id, status } => {
+            debug!(stream_id, status, "spdy: stream reset by the peer");
+            let mut s = inner.lock();
+            if let Some(st) = s.streams.get_mut(&stream_id) {
+                st.reset = true;
+                st.inbound = None;
+            }
+            s.streams.remove(&stream_id);
+            drop(s);
+            inner.window_changed.notify_waiters();
+        }
+        Frame::Settings { entries, .. } => {
+            for (_, id, value) in entries {
+                if id == SETTINGS_INITIAL_WINDOW_SIZE {
+                    let mut s = inner.lock();
+                    let delta = i64::from(value) - s.initial_send_window;
+                    s.initial_send_window = i64::from(value);
+                    s.enforce_flow_control = true;
+                    for st in s.streams.values_mut() {
+                        st.send_window += delta;
+                    }
+                }
+            }
+            inner.window_changed.notify_waiters();
+        }
+        Frame::Ping { id } => {
+            // Odd ids are the client's: echo them. Even ones answer ours.
+            if id % 2 == 1 {
+                out(Frame::Ping { id }).await?;
+            }
+        }
+        Frame::GoAway {
+            last_good_stream_id,
+            status,
+        } => {
+            debug!(last_good_stream_id, status, "spdy: peer sent GOAWAY");
+            *going_away = true;
+        }
+        Frame::WindowUpdate { stream_id, delta } => {
+            let overflow = {
+                let mut s = inner.lock();
+                s.enforce_flow_control = true;
+                if stream_id == 0 {
+                    s.session_send_window += i64::from(delta);
+                    false
+                } else if let Some(st) = s.streams.get_mut(&stream_id) {
+                    st.send_window += i64::from(delta);
+                    st.send_window > i64::from(i32::MAX)
+                } else {
+                    false
+                }
+            };
+            inner.window_changed.notify_waiters();
+            if overflow {
+                return out(Frame::RstStream {
+                    stream_id,
+                    status: rst::FLOW_CONTROL_ERROR,
+                })
+                .await;
+            }
+        }
+        Frame::SynReply { stream_id, .. } => {
+            // We never open streams, so no reply can be due.
+            out(Frame::RstStream {
+                stream_id,
+                status: rst::PROTOCOL_ERROR,
+            })
+            .await?;
+        }
+        Frame::Unknown { frame_type } => {
+            debug!(frame_type, "spdy: ignoring a control frame of unknown type");
+        }
+    }
+    Ok(())
+}
+
+fn close_inbound(inner: &Inner, stream_id: u32) {
+    {
+        let mut s = inner.lock();
+        if let Some(st) = s.streams.get_mut(&stream_id) {
+            st.inbound = None;
+        }
+    }
+    inner.maybe_forget(stream_id);
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
