@@ -7,4 +7,11 @@
 //! The container side is behind `backend::StreamBackend`, so every protocol is tested
 //! against local processes without a VM.
 
+pub mod backend;
+pub mod portforward;
+pub mod remotecommand;
+pub mod server;
 pub mod spdy;
+pub mod status;
+pub mod tokens;
+pub mod websocket;
