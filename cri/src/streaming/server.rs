@@ -203,6 +203,12 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 fn text(status: StatusCode, body: impl Into<String>) -> Response<String> {
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
+    if status.is_client_error() || status.is_server_error() {
+        // A refused client gets no second try on this connection (hyper closes it after
+        // the response): a token guesser must reconnect for every guess.
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 

@@ -51,6 +51,11 @@ pub struct SessionConfig {
     /// Send a PING this often (kubelet's clients do the same, to keep proxies from
     /// closing an idle exec).
     pub ping_interval: Option<Duration>,
+    /// After our GOAWAY, how long `close` waits for the client to close the connection
+    /// itself. Clients that parse asynchronously (node's spdy-transport inflates headers
+    /// on a zlib worker) abort every stream whose frames they have not parsed yet when the
+    /// socket ends under them; kubectl closes its side as soon as it has the status.
+    pub close_linger: Duration,
 }
 
 impl Default for SessionConfig {
@@ -62,6 +67,7 @@ impl Default for SessionConfig {
             max_streams: 256,
             stream_queue: 8,
             ping_interval: Some(Duration::from_secs(5)),
+            close_linger: Duration::from_secs(2),
         }
     }
 }
@@ -82,8 +88,12 @@ pub enum SessionError {
 
 enum Out {
     Frame(Frame),
+    /// GOAWAY and flush; the connection stays up for the peer to close.
+    GoAway,
     /// GOAWAY, flush, shut the socket down.
     Shutdown(u32),
+    /// Shut the socket down (after a GOAWAY).
+    Close,
 }
 
 #[derive(Default)]
@@ -101,6 +111,9 @@ struct Shared {
     initial_send_window: i64,
     enforce_flow_control: bool,
     closed: bool,
+    /// Highest stream id the peer opened: GOAWAY names it, so that the peer knows every
+    /// stream up to it was processed (a lower id would make it abort finished streams).
+    last_peer_stream: u32,
 }
 
 struct Inner {
@@ -280,6 +293,7 @@ impl Session {
                 initial_send_window: i64::from(DEFAULT_WINDOW),
                 enforce_flow_control: false,
                 closed: false,
+                last_peer_stream: 0,
             }),
             window_changed: Notify::new(),
             out: out_tx,
@@ -300,9 +314,13 @@ impl Session {
         self.incoming.recv().await
     }
 
-    /// Sends GOAWAY, flushes what is queued and closes the connection.
+    /// Sends GOAWAY with what is queued, gives the client `close_linger` to close the
+    /// connection, then closes it.
     pub async fn close(mut self) {
-        let _ = self.inner.out.send(Out::Shutdown(goaway::OK)).await;
+        let _ = self.inner.out.send(Out::GoAway).await;
+        let linger = self.inner.cfg.close_linger;
+        let _ = tokio::time::timeout(linger, &mut self.reader).await;
+        let _ = self.inner.out.send(Out::Close).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.writer).await;
         self.reader.abort();
         mark_closed(&self.inner);
@@ -311,10 +329,12 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // `close` consumed the handles' work already; for a dropped session, stop both
-        // tasks so the socket is released.
+        // A dropped session stops reading at once; the writer gets to send what is queued
+        // (a GOAWAY after a protocol error, say) and then closes the socket.
         self.reader.abort();
-        self.writer.abort();
+        if self.inner.out.try_send(Out::Close).is_err() {
+            self.writer.abort();
+        }
     }
 }
 
@@ -347,18 +367,15 @@ async fn write_loop<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Out>, inner: Ar
             None => rx.recv().await,
         };
         let Some(msg) = msg else { break };
+        let goaway = |status| Frame::GoAway {
+            last_good_stream_id: inner.lock().last_peer_stream,
+            status,
+        };
         let (frame, shutdown) = match msg {
             Out::Frame(f) => (f, false),
-            Out::Shutdown(status) => {
-                let last = inner.lock().streams.keys().copied().max().unwrap_or(0);
-                (
-                    Frame::GoAway {
-                        last_good_stream_id: last,
-                        status,
-                    },
-                    true,
-                )
-            }
+            Out::GoAway => (goaway(goaway::OK), false),
+            Out::Shutdown(status) => (goaway(status), true),
+            Out::Close => break,
         };
         buf.clear();
         if let Err(e) = enc.encode(&frame, &mut buf) {
@@ -370,7 +387,8 @@ async fn write_loop<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Out>, inner: Ar
             break;
         }
         // Flush when nothing else is queued: batches bursts, never sits on a lone frame.
-        if (rx.is_empty() || shutdown) && wr.flush().await.is_err() {
+        let goaway_sent = matches!(frame, Frame::GoAway { .. });
+        if (rx.is_empty() || goaway_sent) && wr.flush().await.is_err() {
             break;
         }
         if shutdown {
@@ -455,6 +473,7 @@ async fn handle_frame(
                 .into());
             }
             *last_stream_id = stream_id;
+            inner.lock().last_peer_stream = stream_id;
             let open = inner.lock().streams.len();
             if *going_away || open >= inner.cfg.max_streams {
                 return out(Frame::RstStream {
@@ -476,10 +495,13 @@ async fn handle_frame(
                     },
                 );
             }
+            // Go's spdystream replies with no headers and ignores them; HTTP-over-SPDY
+            // clients (node's spdy-transport) insist on `:status`, which SPDY/3 makes
+            // mandatory in a SYN_REPLY. Both are served by sending it.
             out(Frame::SynReply {
                 stream_id,
                 flags: 0,
-                headers: Headers::new(),
+                headers: reply_headers(),
             })
             .await?;
             let stream = Stream {
@@ -654,6 +676,12 @@ async fn handle_frame(
         }
     }
     Ok(())
+}
+
+fn reply_headers() -> Headers {
+    Headers::new()
+        .with(":status", "200")
+        .with(":version", "HTTP/1.1")
 }
 
 fn close_inbound(inner: &Inner, stream_id: u32) {
