@@ -542,3 +542,84 @@ async fn client_that_never_opens_its_streams_is_timed_out() {
         "{frames:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_tunnelled_in_websocket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let port = echo_server().await;
+    let s = server(ServerConfig::default()).await;
+    let url = s.port_forward_url("pod1").unwrap();
+    let mut req = url
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "SPDY/3.1+portforward.k8s.io".parse().unwrap(),
+    );
+    let tcp = TcpStream::connect(s.local_addr()).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(
+        resp.headers()["sec-websocket-protocol"],
+        "SPDY/3.1+portforward.k8s.io"
+    );
+    // A SPDY client in binary messages: error and data streams for request 0, then data.
+    let mut enc = FrameEncoder::new();
+    let mut out = BytesMut::new();
+    for (id, kind) in [(1, "error"), (3, "data")] {
+        enc.encode(
+            &Frame::SynStream {
+                stream_id: id,
+                associated_id: 0,
+                priority: 0,
+                flags: 0,
+                headers: Headers::new()
+                    .with("streamtype", kind)
+                    .with("port", &port.to_string())
+                    .with("requestid", "0"),
+            },
+            &mut out,
+        )
+        .unwrap();
+    }
+    enc.encode(
+        &Frame::Data {
+            stream_id: 3,
+            flags: husk_cri::streaming::spdy::frame::FLAG_FIN,
+            data: Bytes::from_static(b"through the tunnel"),
+        },
+        &mut out,
+    )
+    .unwrap();
+    ws.send(Message::Binary(out.to_vec().into())).await.unwrap();
+    let mut dec = FrameDecoder::new(1 << 20, 64 * 1024);
+    let mut buf = BytesMut::new();
+    let mut echoed = Vec::new();
+    'outer: loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo within 5 s")
+            .unwrap()
+            .unwrap();
+        if let Message::Binary(b) = msg {
+            buf.extend_from_slice(&b);
+        }
+        while let Some(f) = dec.decode(&mut buf).unwrap() {
+            if let Frame::Data {
+                stream_id: 3,
+                flags,
+                data,
+            } = f
+            {
+                echoed.extend_from_slice(&data);
+                if flags & husk_cri::streaming::spdy::frame::FLAG_FIN != 0 {
+                    break 'outer;
+                }
+            }
+        }
+    }
+    assert_eq!(echoed, b"through the tunnel");
+}

@@ -15,3 +15,4 @@ pub mod spdy;
 pub mod status;
 pub mod tokens;
 pub mod websocket;
+pub mod ws_tunnel;

@@ -26,6 +26,7 @@ use super::remotecommand::{self, Command, Protocol};
 use super::spdy::{Session, SessionConfig};
 use super::tokens::{TokenCache, TokenError};
 use super::websocket::{self, WsProtocol};
+use super::ws_tunnel;
 
 const STREAM_PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 
@@ -371,14 +372,6 @@ fn upgrade_websocket(
     pending: Pending,
     state: Arc<State>,
 ) -> Response<String> {
-    let Pending::Command(cmd) = pending else {
-        // Port-forward over WebSocket (SPDY tunnelled in `SPDY/3.1+portforward.k8s.io`) is
-        // not implemented yet.
-        return text(
-            StatusCode::BAD_REQUEST,
-            "port-forward over websocket is not supported; use SPDY/3.1",
-        );
-    };
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
         return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
     };
@@ -390,8 +383,47 @@ fn upgrade_websocket(
     {
         return text(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13");
     }
-    let offered = header_values(req.headers(), "sec-websocket-protocol");
-    let Some(proto) = WsProtocol::negotiate(offered.iter().copied()) else {
+    let offered: Vec<String> = header_values(req.headers(), "sec-websocket-protocol")
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let cmd = match pending {
+        Pending::Command(cmd) => cmd,
+        Pending::PortForward { pod_sandbox_id } => {
+            let tunnel = offered
+                .iter()
+                .flat_map(|v| v.split(','))
+                .any(|p| p.trim() == ws_tunnel::PROTOCOL);
+            if !tunnel {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "unable to upgrade: client supports {offered:?}, server accepts [{}]",
+                        ws_tunnel::PROTOCOL
+                    ),
+                );
+            }
+            let on_upgrade = hyper::upgrade::on(req);
+            tokio::spawn(async move {
+                match on_upgrade.await {
+                    Ok(u) => {
+                        ws_tunnel::serve_port_forward(
+                            TokioIo::new(u),
+                            pod_sandbox_id,
+                            state.backend.clone(),
+                            state.cfg.session.clone(),
+                            state.cfg.stream_timeout,
+                        )
+                        .await
+                    }
+                    Err(e) => debug!(error = %e, "streaming: websocket upgrade failed"),
+                }
+            });
+            return ws_switching(&accept, Some(ws_tunnel::PROTOCOL));
+        }
+    };
+    let Some(proto) = WsProtocol::negotiate(offered.iter().map(String::as_str)) else {
         let accepts: Vec<_> = WsProtocol::ALL.iter().map(|p| p.name()).collect();
         return text(
             StatusCode::FORBIDDEN,
@@ -413,16 +445,19 @@ fn upgrade_websocket(
             Err(e) => debug!(error = %e, "streaming: websocket upgrade failed"),
         }
     });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    ws_switching(&accept, proto.map(WsProtocol::name))
+}
+
+fn ws_switching(accept: &str, protocol: Option<&'static str>) -> Response<String> {
     let mut r = text(StatusCode::SWITCHING_PROTOCOLS, "");
     let h = r.headers_mut();
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(v) = HeaderValue::from_str(&accept) {
+    if let Ok(v) = HeaderValue::from_str(accept) {
         h.insert("sec-websocket-accept", v);
     }
-    if let Some(p) = proto {
-        h.insert("sec-websocket-protocol", HeaderValue::from_static(p.name()));
+    if let Some(p) = protocol {
+        h.insert("sec-websocket-protocol", HeaderValue::from_static(p));
     }
     r
 }
