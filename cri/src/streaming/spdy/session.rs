@@ -353,7 +353,11 @@ async fn write_loop<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Out>, inner: Ar
     let mut enc = FrameEncoder::new();
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut ping_id: u32 = 0;
-    let mut ticker = inner.cfg.ping_interval.map(tokio::time::interval);
+    // First ping one period in, not at once: a short exec never needs one.
+    let mut ticker = inner
+        .cfg
+        .ping_interval
+        .map(|p| tokio::time::interval_at(tokio::time::Instant::now() + p, p));
     loop {
         let msg = match ticker.as_mut() {
             Some(t) => tokio::select! {
