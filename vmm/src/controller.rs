@@ -128,7 +128,9 @@ impl Controller {
         }
         let mut cfg = std::mem::take(&mut self.cfg);
         let jail = match &self.jail {
-            Some(j) => Some(jailed(j, &mut cfg).map_err(|e| format!("cannot set up the jail: {e}"))?),
+            Some(j) => {
+                Some(jailed(j, &mut cfg).map_err(|e| format!("cannot set up the jail: {e}"))?)
+            }
             None => None,
         };
         let mut vm =

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use husk_tests::vmm_proc::{self, Output, VmmExitStatus};
 
-mod slow_disk;
 mod jail;
+mod slow_disk;
 mod threads;
 
 const T: Duration = Duration::from_secs(120);

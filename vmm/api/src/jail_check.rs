@@ -17,7 +17,10 @@ pub fn check_jail() -> Result<(), String> {
     // multi-threaded caller is fine; the parent reaps it below.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(format!("cannot fork to try the jail's namespaces: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot fork to try the jail's namespaces: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     if pid == 0 {
         // SAFETY: see above.

@@ -89,10 +89,10 @@
 //! the client side ([`request`], [`ApiClient`]) and what both sides share.
 
 pub mod check;
-pub mod jail_check;
 mod client;
 pub mod config;
 mod exit;
+pub mod jail_check;
 pub mod rate_limit;
 pub mod scm;
 pub mod tap;

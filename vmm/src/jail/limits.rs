@@ -49,7 +49,11 @@ impl ResourceLimits {
     }
 }
 
-fn set(resource: libc::__rlimit_resource_t, value: u64, step: &'static str) -> Result<(), JailError> {
+fn set(
+    resource: libc::__rlimit_resource_t,
+    value: u64,
+    step: &'static str,
+) -> Result<(), JailError> {
     let limit = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,

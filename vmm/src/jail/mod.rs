@@ -159,9 +159,10 @@ pub fn enter(spec: &JailSpec, helpers: &[&dyn JoinJail]) -> Result<(), JailError
     // SAFETY (this block and the ones below): plain syscalls whose pointer arguments are
     // NUL-terminated strings alive for the call, or null where the kernel allows it; every
     // result is checked.
-    check("unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)", unsafe {
-        libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
-    })?;
+    check(
+        "unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)",
+        unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) },
+    )?;
     check("sethostname", unsafe {
         libc::sethostname(JAIL_HOSTNAME.as_ptr().cast(), JAIL_HOSTNAME.len())
     })?;

@@ -1,7 +1,7 @@
 use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::mpsc;
 use std::process::{Command, Output};
+use std::sync::mpsc;
 
 use vmm_sys_util::tempdir::TempDir;
 
@@ -279,7 +279,10 @@ fn refuses_root_target_and_threads() {
         ));
         // The harness runs tests on their own threads, so this process has several.
         let err = enter(&spec(&dir, NOBODY, NOBODY), &[]).unwrap_err();
-        assert!(matches!(err, JailError::MultiThreaded { threads, helpers: 0 } if threads > 1), "{err}");
+        assert!(
+            matches!(err, JailError::MultiThreaded { threads, helpers: 0 } if threads > 1),
+            "{err}"
+        );
     } else {
         assert!(matches!(
             enter(&spec(&dir, NOBODY, NOBODY), &[]),

@@ -48,14 +48,20 @@ fn a_jailed_vmm_sees_only_its_jail_and_dies_on_a_forbidden_call() {
     let report = o
         .stderr
         .lines()
-        .find_map(|l| l.split_once("husk-vmm: jail-selftest {").map(|(_, r)| format!("{{{r}")))
+        .find_map(|l| {
+            l.split_once("husk-vmm: jail-selftest {")
+                .map(|(_, r)| format!("{{{r}"))
+        })
         .unwrap_or_else(|| panic!("no jail report in the VMM log:\n{}", o.stderr));
     let r: serde_json::Value = serde_json::from_str(&report).expect("the report is JSON");
     assert_eq!(r["root"], serde_json::json!(["vsock.sock"]), "{report}");
     assert_eq!(r["outside_exists"], false, "{report}");
     assert_eq!(r["uid"], JAIL_ID, "{report}");
     assert_eq!(r["gid"], JAIL_ID, "{report}");
-    assert_eq!(r["pid"], 1, "the VMM is PID 1 of its own namespace: {report}");
+    assert_eq!(
+        r["pid"], 1,
+        "the VMM is PID 1 of its own namespace: {report}"
+    );
     assert_eq!(r["hostname"], "husk-vmm", "{report}");
     assert_eq!(r["nofile"], 2048, "{report}");
     assert_eq!(r["fsize"], 64u64 << 20, "{report}");
@@ -163,8 +169,9 @@ fn a_jailed_vmm_serves_vsock_both_ways_with_every_thread_inside() {
     }
     let limits = std::fs::read_to_string(format!("/proc/{vmm}/limits")).unwrap();
     assert!(
-        limits.lines().any(|l| l.starts_with("Max core file size")
-            && l.split_whitespace().nth(4) == Some("0")),
+        limits.lines().any(
+            |l| l.starts_with("Max core file size") && l.split_whitespace().nth(4) == Some("0")
+        ),
         "{limits}"
     );
     // The guest's echo over vsock, and its connection out, work jailed.

@@ -65,7 +65,10 @@ impl Watchdog {
                         }) => {
                             // SAFETY: the jail holds both fds open until it has our reply.
                             let (ns, root) = unsafe {
-                                (BorrowedFd::borrow_raw(mount_ns), BorrowedFd::borrow_raw(root))
+                                (
+                                    BorrowedFd::borrow_raw(mount_ns),
+                                    BorrowedFd::borrow_raw(root),
+                                )
                             };
                             let r = crate::jail::join_from_thread(ns, root)
                                 .map_err(|e| format!("the virtio-fs watchdog: {e}"));
