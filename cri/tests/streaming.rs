@@ -623,3 +623,81 @@ async fn port_forward_tunnelled_in_websocket() {
     }
     assert_eq!(echoed, b"through the tunnel");
 }
+
+/// A client that behaves like Go's spdystream (kubectl, crictl): no SETTINGS, never a
+/// WINDOW_UPDATE, streams opened in kubectl's order. 300 KiB of output must arrive whole
+/// (far past the 64 KiB initial window), then stdout's FIN, then the Status, then GOAWAY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_style_client_without_flow_control_gets_all_output() {
+    use husk_cri::streaming::spdy::frame::FLAG_FIN;
+    let s = server(ServerConfig::default()).await;
+    let url = s
+        .exec_url(exec_req("head -c 307200 /dev/zero; exit 4", false))
+        .unwrap();
+    let (mut c, head) = http(s.local_addr(), &spdy_upgrade(&url, "v4.channel.k8s.io")).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut enc = FrameEncoder::new();
+    let mut out = BytesMut::new();
+    for (id, kind) in [(1, "error"), (3, "stdout"), (5, "stderr")] {
+        enc.encode(
+            &Frame::SynStream {
+                stream_id: id,
+                associated_id: 0,
+                priority: 0,
+                flags: 0,
+                headers: Headers::new().with("streamType", kind),
+            },
+            &mut out,
+        )
+        .unwrap();
+    }
+    c.write_all(&out).await.unwrap();
+    // Like kubectl, close our side once the status is in (the server lingers for it).
+    let mut dec = FrameDecoder::new(1 << 20, 64 * 1024);
+    let mut buf = BytesMut::new();
+    let (mut stdout, mut stdout_fin, mut status) = (0usize, false, Vec::new());
+    let mut order = Vec::new();
+    let mut done = false;
+    while !done {
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read_buf(&mut buf))
+            .await
+            .expect("frames keep coming")
+            .unwrap();
+        assert!(n > 0, "server closed before the status");
+        while let Some(f) = dec.decode(&mut buf).unwrap() {
+            match f {
+                Frame::Data {
+                    stream_id: 3,
+                    flags,
+                    data,
+                } => {
+                    stdout += data.len();
+                    if flags & FLAG_FIN != 0 {
+                        stdout_fin = true;
+                        order.push("stdout-fin");
+                    }
+                }
+                Frame::Data {
+                    stream_id: 1,
+                    flags,
+                    data,
+                } => {
+                    status.extend_from_slice(&data);
+                    if flags & FLAG_FIN != 0 {
+                        order.push("error-fin");
+                    }
+                }
+                Frame::GoAway { .. } => {
+                    order.push("goaway");
+                    done = true;
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(stdout, 307_200);
+    assert!(stdout_fin);
+    assert_eq!(order, ["stdout-fin", "error-fin", "goaway"]);
+    let st: serde_json::Value = serde_json::from_slice(&status).unwrap();
+    assert_eq!(st["details"]["causes"][0]["message"], "4");
+}

@@ -64,8 +64,10 @@ impl Default for SessionConfig {
             max_frame_len: 256 * 1024,
             max_header_block: 64 * 1024,
             max_send_frame: 32 * 1024,
-            max_streams: 256,
-            stream_queue: 8,
+            // Worst case buffered per connection: streams x queue x frame = 100 x 4 x
+            // 256 KiB; exec needs 5 streams, port-forward 2 per forwarded connection.
+            max_streams: 100,
+            stream_queue: 4,
             ping_interval: Some(Duration::from_secs(5)),
             close_linger: Duration::from_secs(2),
         }
