@@ -638,7 +638,8 @@ async fn go_style_client_without_flow_control_gets_all_output() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let mut enc = FrameEncoder::new();
     let mut out = BytesMut::new();
-    for (id, kind) in [(1, "error"), (3, "stdout"), (5, "stderr")] {
+    // Stream 3, stdin, was not asked for by the exec request: it must be refused.
+    for (id, kind) in [(1, "error"), (3, "stdin"), (5, "stdout"), (7, "stderr")] {
         enc.encode(
             &Frame::SynStream {
                 stream_id: id,
@@ -658,6 +659,7 @@ async fn go_style_client_without_flow_control_gets_all_output() {
     let (mut stdout, mut stdout_fin, mut status) = (0usize, false, Vec::new());
     let mut order = Vec::new();
     let mut done = false;
+    let mut refused = false;
     while !done {
         let n = tokio::time::timeout(Duration::from_secs(10), c.read_buf(&mut buf))
             .await
@@ -667,7 +669,7 @@ async fn go_style_client_without_flow_control_gets_all_output() {
         while let Some(f) = dec.decode(&mut buf).unwrap() {
             match f {
                 Frame::Data {
-                    stream_id: 3,
+                    stream_id: 5,
                     flags,
                     data,
                 } => {
@@ -691,10 +693,18 @@ async fn go_style_client_without_flow_control_gets_all_output() {
                     order.push("goaway");
                     done = true;
                 }
+                Frame::RstStream {
+                    stream_id: 3,
+                    status,
+                } => {
+                    assert_eq!(status, 3, "REFUSED_STREAM");
+                    refused = true;
+                }
                 _ => {}
             }
         }
     }
+    assert!(refused, "the unrequested stdin stream was refused");
     assert_eq!(stdout, 307_200);
     assert!(stdout_fin);
     assert_eq!(order, ["stdout-fin", "error-fin", "goaway"]);

@@ -181,9 +181,17 @@ pub async fn serve_spdy(
                 .await;
             continue;
         }
-        if want.contains(&kind.as_str()) {
-            n += 1;
+        if !want.contains(&kind.as_str()) {
+            // A stream the request did not ask for (stdin for an exec without stdin, say):
+            // refused, so the backend never sees more than the request allowed.
+            warn!(stream_type = %kind, "exec: refusing a stream the request did not ask for");
+            let _ = st
+                .writer
+                .reset(super::spdy::frame::rst::REFUSED_STREAM)
+                .await;
+            continue;
         }
+        n += 1;
         *slot = Some(st);
     }
     debug!(protocol = proto.name(), "exec: all streams open");
