@@ -95,7 +95,17 @@ async fn run_local(cmd: Vec<String>, io: ExecIo) -> Result<i32, BackendError> {
 }
 
 impl StreamBackend for LocalBackend {
-    fn exec(&self, req: ExecRequest, io: ExecIo) -> BoxFuture<'_, Result<i32, BackendError>> {
+    fn exec(&self, req: ExecRequest, mut io: ExecIo) -> BoxFuture<'_, Result<i32, BackendError>> {
+        if req.tty {
+            // No pty here: a tty exec reports the first terminal size it is sent, which is
+            // what the resize channel is for.
+            return Box::pin(async move {
+                let size = io.resize.as_mut().unwrap().recv().await.unwrap();
+                let msg = format!("{}x{}", size.width, size.height);
+                io.stdout.unwrap().send(msg.into()).await.unwrap();
+                Ok(0)
+            });
+        }
         Box::pin(run_local(req.cmd, io))
     }
 
@@ -710,4 +720,40 @@ async fn go_style_client_without_flow_control_gets_all_output() {
     assert_eq!(order, ["stdout-fin", "error-fin", "goaway"]);
     let st: serde_json::Value = serde_json::from_slice(&status).unwrap();
     assert_eq!(st["details"]["causes"][0]["message"], "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_spdy_attach() {
+    let s = server(ServerConfig::default()).await;
+    let url = s
+        .attach_url(AttachRequest {
+            container_id: "c1".into(),
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        })
+        .unwrap();
+    assert!(url.contains("/attach/"), "{url}");
+    let v = node(&["exec", &url, "v4.channel.k8s.io", "attached"]).await;
+    assert_eq!(v["stdout"], "attached");
+    assert_eq!(status(&v)["status"], "Success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websocket_tty_resize_reaches_the_backend() {
+    let s = server(ServerConfig::default()).await;
+    let mut req = exec_req("sh", false);
+    req.tty = true;
+    req.stderr = false;
+    let url = s.exec_url(req).unwrap();
+    let v = python(&[
+        &url,
+        "v5.channel.k8s.io",
+        "-",
+        r#"{"Width":132,"Height":43}"#,
+    ])
+    .await;
+    assert_eq!(v["stdout"], "132x43");
+    assert_eq!(status(&v)["status"], "Success");
 }

@@ -1,6 +1,6 @@
 """An independent WebSocket client for huskd's streaming tests, on PyPI's `websockets`.
 
-    python ws_client.py URL SUBPROTOCOL STDIN_TEXT|-
+    python ws_client.py URL SUBPROTOCOL STDIN_TEXT|- [RESIZE_JSON]
 
 Runs one exec over the channel.k8s.io framing and prints {"protocol", "stdout",
 "stderr", "error"} as JSON. With v5, stdin EOF is sent as the close message [255, 0].
@@ -14,7 +14,7 @@ import sys
 from websockets.asyncio.client import connect
 
 
-async def main(url: str, proto: str, stdin: str) -> None:
+async def main(url: str, proto: str, stdin: str, resize: str | None) -> None:
     url = url.replace("http://", "ws://", 1)
     b64 = "base64" in proto
     out = {1: b"", 2: b"", 3: b""}
@@ -25,6 +25,8 @@ async def main(url: str, proto: str, stdin: str) -> None:
                 return str(channel) + base64.b64encode(data).decode()
             return bytes([channel]) + data
 
+        if resize is not None:
+            await ws.send(frame(4, resize.encode()))
         if stdin != "-":
             await ws.send(frame(0, stdin.encode()))
             if proto == "v5.channel.k8s.io":
@@ -51,4 +53,5 @@ async def main(url: str, proto: str, stdin: str) -> None:
     )
 
 
-asyncio.run(asyncio.wait_for(main(sys.argv[1], sys.argv[2], sys.argv[3]), 20))
+resize_arg = sys.argv[4] if len(sys.argv) > 4 else None
+asyncio.run(asyncio.wait_for(main(sys.argv[1], sys.argv[2], sys.argv[3], resize_arg), 20))
