@@ -757,3 +757,21 @@ async fn python_websocket_tty_resize_reaches_the_backend() {
     assert_eq!(v["stdout"], "132x43");
     assert_eq!(status(&v)["status"], "Success");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_spdy_tty_exec_resize_stream_reaches_the_backend() {
+    let s = server(ServerConfig::default()).await;
+    let mut req = exec_req("sh", false);
+    req.tty = true;
+    req.stderr = false;
+    let url = s.exec_url(req).unwrap();
+    let v = node(&[
+        "exec-tty",
+        &url,
+        "v4.channel.k8s.io",
+        r#"{"Width":100,"Height":30}"#,
+    ])
+    .await;
+    assert_eq!(v["stdout"], "100x30");
+    assert_eq!(status(&v)["status"], "Success");
+}

@@ -1,6 +1,7 @@
 // An independent SPDY/3.1 client for huskd's streaming tests, built on npm's spdy-transport
 // (node's SPDY implementation, unrelated to husk's). Prints one JSON object on stdout.
 //   node spdy_client.js exec URL PROTOCOL STDIN_TEXT|-      -> {stdout, stderr, error, protocol}
+//   node spdy_client.js exec-tty URL PROTOCOL RESIZE_JSON   -> {stdout, error, protocol}
 //   node spdy_client.js portforward URL PORT PAYLOAD N      -> {echoes: [..N], errors: [..N]}
 'use strict';
 const net = require('net');
@@ -97,6 +98,23 @@ async function exec(url, protocol, stdinText) {
   );
 }
 
+// A tty exec: error, stdout and resize streams (no stderr with a tty), one size sent.
+async function execTty(url, protocol, resize) {
+  const { sock, protocol: chosen } = await upgrade(url, [protocol]);
+  const conn = connect(sock);
+  const error = await open(conn, { streamtype: 'error' });
+  const errorP = collect(error);
+  const stdout = await open(conn, { streamtype: 'stdout' });
+  const stdoutP = collect(stdout);
+  const resizeStream = await open(conn, { streamtype: 'resize' });
+  resizeStream.write(resize + '\n');
+  const [out, status] = await Promise.all([stdoutP, errorP]);
+  process.stdout.write(
+    JSON.stringify({ protocol: chosen, stdout: out.toString(), error: status.toString() }),
+    () => process.exit(0)
+  );
+}
+
 async function portforward(url, port, payload, n) {
   const { sock, protocol } = await upgrade(url, ['portforward.k8s.io']);
   if (protocol !== 'portforward.k8s.io') fail(`negotiated ${protocol}`);
@@ -124,5 +142,10 @@ async function portforward(url, port, payload, n) {
 }
 
 const [mode, url, a, b, c] = process.argv.slice(2);
-const run = mode === 'exec' ? exec(url, a, b) : portforward(url, Number(a), b, Number(c || 1));
+const run =
+  mode === 'exec'
+    ? exec(url, a, b)
+    : mode === 'exec-tty'
+      ? execTty(url, a, b)
+      : portforward(url, Number(a), b, Number(c || 1));
 run.catch((e) => fail(e.stack || String(e)));
