@@ -110,9 +110,12 @@ pub async fn serve(
         &config.data_dir,
         launcher,
     ));
-    // The streaming server for Exec (and later Attach, PortForward): loopback, a free port.
+    // The streaming server for Exec (and later Attach, PortForward).
     let stream_server = crate::streaming::server::StreamingServer::start(
-        crate::streaming::server::ServerConfig::default(),
+        crate::streaming::server::ServerConfig {
+            addr: config.stream_address,
+            ..Default::default()
+        },
         Arc::new(streaming::ShimBackend {
             containers: containers.clone(),
         }),
