@@ -116,6 +116,8 @@ struct Shared {
     /// Highest stream id the peer opened: GOAWAY names it, so that the peer knows every
     /// stream up to it was processed (a lower id would make it abort finished streams).
     last_peer_stream: u32,
+    /// Received bytes not yet acknowledged at the session level.
+    session_recv_unacked: u32,
 }
 
 struct Inner {
@@ -296,6 +298,7 @@ impl Session {
                 enforce_flow_control: false,
                 closed: false,
                 last_peer_stream: 0,
+                session_recv_unacked: 0,
             }),
             window_changed: Notify::new(),
             out: out_tx,
@@ -551,11 +554,11 @@ async fn handle_frame(
                         // Data racing our close of the stream: drop it.
                         debug!(stream_id, "spdy: data for a closed stream");
                     }
-                    // Still acknowledged for the session window.
-                    if len > 0 {
+                    // Still counted against (and given back to) the session window.
+                    if let Some(delta) = session_ack(inner, len) {
                         out(Frame::WindowUpdate {
                             stream_id: 0,
-                            delta: len,
+                            delta,
                         })
                         .await?;
                     }
@@ -578,8 +581,8 @@ async fn handle_frame(
                 }
             }
             if len > 0 {
-                // Acknowledge consumed data: once per half window per stream, and at
-                // once for the session (cheap, and keeps a flow-controlling peer going).
+                // Acknowledge consumed data once per half window, per stream and for the
+                // session (Go's spdystream parses and drops these; node's uses them).
                 let ack = {
                     let mut s = inner.lock();
                     s.streams.get_mut(&stream_id).and_then(|st| {
@@ -591,11 +594,13 @@ async fn handle_frame(
                 if let Some(delta) = ack {
                     out(Frame::WindowUpdate { stream_id, delta }).await?;
                 }
-                out(Frame::WindowUpdate {
-                    stream_id: 0,
-                    delta: len,
-                })
-                .await?;
+                if let Some(delta) = session_ack(inner, len) {
+                    out(Frame::WindowUpdate {
+                        stream_id: 0,
+                        delta,
+                    })
+                    .await?;
+                }
             }
             if flags & FLAG_FIN != 0 {
                 close_inbound(inner, stream_id);
@@ -682,6 +687,18 @@ async fn handle_frame(
         }
     }
     Ok(())
+}
+
+/// Counts `len` received bytes for the session window; the delta to acknowledge once half
+/// the window is used.
+fn session_ack(inner: &Inner, len: u32) -> Option<u32> {
+    if len == 0 {
+        return None;
+    }
+    let mut s = inner.lock();
+    s.session_recv_unacked += len;
+    (s.session_recv_unacked >= DEFAULT_WINDOW / 2)
+        .then(|| std::mem::take(&mut s.session_recv_unacked))
 }
 
 fn reply_headers() -> Headers {
