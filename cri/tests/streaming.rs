@@ -775,3 +775,15 @@ async fn node_spdy_tty_exec_resize_stream_reaches_the_backend() {
     assert_eq!(v["stdout"], "100x30");
     assert_eq!(status(&v)["status"], "Success");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_spdy_exec_large_stdin_needs_our_window_updates() {
+    // spdy-transport never sends past its send windows (64 KiB per stream and for the
+    // session, as we announce no other): 1 MiB of stdin gets through only if our
+    // WINDOW_UPDATEs give the windows back.
+    let s = server(ServerConfig::default()).await;
+    let url = s.exec_url(exec_req("wc -c", true)).unwrap();
+    let v = node(&["exec", &url, "v4.channel.k8s.io", "@1048576"]).await;
+    assert_eq!(v["stdout"].as_str().unwrap().trim(), "1048576");
+    assert_eq!(status(&v)["status"], "Success");
+}

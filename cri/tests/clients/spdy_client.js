@@ -1,6 +1,6 @@
 // An independent SPDY/3.1 client for huskd's streaming tests, built on npm's spdy-transport
 // (node's SPDY implementation, unrelated to husk's). Prints one JSON object on stdout.
-//   node spdy_client.js exec URL PROTOCOL STDIN_TEXT|-      -> {stdout, stderr, error, protocol}
+//   node spdy_client.js exec URL PROTOCOL STDIN_TEXT|@N|-   -> {stdout, stderr, error, protocol}
 //   node spdy_client.js exec-tty URL PROTOCOL RESIZE_JSON   -> {stdout, error, protocol}
 //   node spdy_client.js portforward URL PORT PAYLOAD N      -> {echoes: [..N], errors: [..N]}
 'use strict';
@@ -82,7 +82,9 @@ async function exec(url, protocol, stdinText) {
   const stderr = await open(conn, { streamtype: 'stderr' });
   const stderrP = collect(stderr);
   if (stdin) {
-    stdin.end(stdinText);
+    // "@N": N bytes of 'x' (more than argv could carry), to push past the 64 KiB windows.
+    const m = /^@(\d+)$/.exec(stdinText);
+    stdin.end(m ? Buffer.alloc(Number(m[1]), 'x') : stdinText);
   }
   const [out, err, status] = await Promise.all([stdoutP, stderrP, errorP]);
   process.stdout.write(
