@@ -1,6 +1,9 @@
 //! Session tests: a scripted client built from the codec, over an in-memory pipe.
 
+use super::read::reply_headers;
 use super::*;
+use crate::streaming::spdy::frame::{rst, FrameDecoder, SETTINGS_INITIAL_WINDOW_SIZE};
+use tokio::io::AsyncReadExt;
 use tokio::io::DuplexStream;
 
 struct Client {
