@@ -787,3 +787,13 @@ async fn node_spdy_exec_large_stdin_needs_our_window_updates() {
     assert_eq!(v["stdout"].as_str().unwrap().trim(), "1048576");
     assert_eq!(status(&v)["status"], "Success");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_spdy_port_forward_invalid_port_is_reported() {
+    let s = server(ServerConfig::default()).await;
+    let url = s.port_forward_url("pod1").unwrap();
+    let v = node(&["portforward", &url, "0", "x", "1"]).await;
+    let e = v["errors"][0].as_str().unwrap();
+    assert!(e.contains("invalid port"), "{e}");
+    assert_eq!(v["echoes"][0], "");
+}
