@@ -51,6 +51,9 @@ pub struct Config {
     /// Per-registry pull policy; a registry not listed follows `default_registry_policy`.
     pub registries: Vec<Registry>,
     pub default_registry_policy: RegistryPolicy,
+    /// Where the streaming server (Exec/Attach/PortForward URLs) listens; port 0 takes a
+    /// free port. kubelet connects to it, so it must be reachable from kubelet's host.
+    pub stream_address: std::net::SocketAddr,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -95,6 +98,7 @@ impl Default for Config {
             cgroup_driver: CgroupDriver::Cgroupfs,
             registries: Vec::new(),
             default_registry_policy: RegistryPolicy::Allow,
+            stream_address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -168,6 +172,7 @@ mod tests {
         assert_eq!(c.runtime_handlers, ["kata", "husk", ""]);
         assert_eq!(c.cni.bin_dirs[1], Path::new("/usr/lib/cni"));
         assert_eq!(c.cgroup_driver, CgroupDriver::Cgroupfs);
+        assert_eq!(c.stream_address.to_string(), "127.0.0.1:0");
     }
 
     #[test]

@@ -15,3 +15,4 @@ pub mod pause;
 pub mod pods;
 pub mod server;
 pub mod shim_client;
+pub mod streaming;

@@ -261,6 +261,27 @@ async fn a_pod_whose_vm_cannot_start_fails_cleanly() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    // Exec hands out a streaming URL only for a running container.
+    let e =
+        c.rt.exec(cri::ExecRequest {
+            container_id: "nope".into(),
+            cmd: vec!["true".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Not wired to the shim yet: explicit UNIMPLEMENTED, not a URL that leads nowhere.
+    let e =
+        c.rt.attach(cri::AttachRequest {
+            container_id: "nope".into(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
     let listed =
         c.rt.list_containers(cri::ListContainersRequest { filter: None })
             .await

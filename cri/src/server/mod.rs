@@ -4,6 +4,7 @@
 mod containers;
 pub mod image;
 pub mod runtime;
+mod streaming;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("streaming server: {0}")]
+    Streaming(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -101,8 +104,25 @@ pub async fn serve(
         config: config_path,
     };
     let pods = Pods::new(&config, launcher.clone());
-    let containers = Containers::new(store, &config.state_dir, &config.data_dir, launcher);
-    let runtime = runtime::Runtime::new(config.clone(), pods, containers);
+    let containers = Arc::new(Containers::new(
+        store,
+        &config.state_dir,
+        &config.data_dir,
+        launcher,
+    ));
+    // The streaming server for Exec (and later Attach, PortForward).
+    let stream_server = crate::streaming::server::StreamingServer::start(
+        crate::streaming::server::ServerConfig {
+            addr: config.stream_address,
+            ..Default::default()
+        },
+        Arc::new(streaming::ShimBackend {
+            containers: containers.clone(),
+        }),
+    )
+    .await
+    .map_err(|e| ServeError::Streaming(e.to_string()))?;
+    let runtime = runtime::Runtime::new(config.clone(), pods, containers, Arc::new(stream_server));
 
     let socket = config.socket.clone();
     let sock_err = |source| ServeError::Socket {

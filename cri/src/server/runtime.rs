@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
@@ -15,6 +16,7 @@ use crate::cni::{self, PortMapping};
 use crate::config::{CgroupDriver, Config};
 use crate::containers::Containers;
 use crate::pods::{Pod, PodSpec, PodState, Pods};
+use crate::streaming::server::StreamingServer;
 
 /// The CRI API version huskd speaks.
 const CRI_API_VERSION: &str = "v1";
@@ -23,15 +25,22 @@ const RUNTIME_NAME: &str = "husk";
 pub struct Runtime {
     config: Config,
     pods: Pods,
-    containers: Containers,
+    containers: Arc<Containers>,
+    streaming: Arc<StreamingServer>,
 }
 
 impl Runtime {
-    pub fn new(config: Config, pods: Pods, containers: Containers) -> Runtime {
+    pub fn new(
+        config: Config,
+        pods: Pods,
+        containers: Arc<Containers>,
+        streaming: Arc<StreamingServer>,
+    ) -> Runtime {
         Runtime {
             config,
             pods,
             containers,
+            streaming,
         }
     }
 
@@ -395,10 +404,20 @@ impl RuntimeService for Runtime {
         ))
     }
 
+    async fn exec(
+        &self,
+        request: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Ok(Response::new(super::streaming::exec(
+            &self.streaming,
+            &self.containers,
+            request.into_inner(),
+        )?))
+    }
+
     not_yet! {
         update_container_resources: UpdateContainerResourcesRequest => UpdateContainerResourcesResponse,
         reopen_container_log: ReopenContainerLogRequest => ReopenContainerLogResponse,
-        exec: ExecRequest => ExecResponse,
         attach: AttachRequest => AttachResponse,
         port_forward: PortForwardRequest => PortForwardResponse,
         container_stats: ContainerStatsRequest => ContainerStatsResponse,
