@@ -9,10 +9,16 @@
 //! then ICMP echo to HOST), `fs` (mount virtio-fs tag `husk_fs`, read hello.txt, write
 //! from-guest.txt), `panic` (PID 1 exits, so the kernel panics), `slowdisk` (a thread reads
 //! /dev/vda with O_DIRECT, 4 MiB apart, for ever, from when vsock port 1024 accepts, and
-//! that port echoes).
+//! that port echoes), `hostile` (a guest that floods the console, storms vsock and drives
+//! virtio-net by hand with malformed rings: see testinit/hostile.rs).
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+
+#[path = "testinit/hostile.rs"]
+mod hostile;
+#[path = "testinit/rawvirtio.rs"]
+mod rawvirtio;
 
 /// The VMM's boot-timer port and value (vmm::devices::legacy::BOOT_MARKER_*).
 const BOOT_MARKER_PORT: u16 = 0x3f0;
@@ -38,6 +44,7 @@ fn main() {
         "net" => net(),
         "fs" => fs(),
         "slowdisk" => slow_disk(),
+        "hostile" => hostile::hostile(),
         "panic" => {
             // PID 1 exiting makes the kernel panic ("Attempted to kill init!").
             println!("husk-testinit: panic: exiting PID 1");

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use husk_tests::vmm_proc::{self, Output, VmmExitStatus};
 
+mod hostile;
 mod jail;
 mod slow_disk;
 mod threads;

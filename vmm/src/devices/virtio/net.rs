@@ -169,6 +169,20 @@ impl Net {
         Self::with_tap(Tap::from_fd(fd)?, mac)
     }
 
+    /// A device whose "tap" is any non-blocking datagram fd, e.g. one end of a Unix
+    /// `socketpair(SOCK_DGRAM)`: a datagram is one frame with its vnet header, as on a tap.
+    /// Only for the fuzz target (vmm/fuzz), which cannot create taps; nothing is checked or
+    /// configured on the fd.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn new_with_datagram_fd_for_fuzzing(fd: OwnedFd) -> Result<Net, NetError> {
+        let tap = Tap {
+            file: File::from(fd),
+            name: "fuzz".into(),
+        };
+        Self::with_tap(tap, None)
+    }
+
     fn with_tap(tap: Tap, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
         let mut avail_features = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_STATUS;
         let mut config = [0u8; 8];

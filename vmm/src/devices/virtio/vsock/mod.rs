@@ -32,6 +32,7 @@ mod tests;
 use std::path::PathBuf;
 
 pub use device::{Vsock, VSOCK_QUEUE_SIZES};
+pub use muxer::MAX_CONNECTIONS;
 pub use packet::VsockHeader;
 
 /// The CID of the host, as the guest addresses it.
