@@ -65,7 +65,7 @@ pub enum SpecError {
 }
 
 /// What huskd needs of a CRI ContainerConfig.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
 pub struct ContainerConfig {
     pub name: String,
     pub attempt: u32,
@@ -84,7 +84,7 @@ pub struct ContainerConfig {
 }
 
 /// A host path bind-mounted into the container.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct BindMount {
     pub host_path: String,
     pub container_path: String,

@@ -13,5 +13,6 @@ pub mod logs;
 pub mod netns;
 pub mod pause;
 pub mod pods;
+pub mod records;
 pub mod server;
 pub mod shim_client;

@@ -3,12 +3,14 @@
 //! sends, and the netns path), starts our shim and has it Create and Start the sandbox
 //! task. Any failure undoes every step already taken, newest first, so a failed pod leaves
 //! no netns, CNI allocation, shim or bundle. Stop and Remove undo a running pod and are
-//! idempotent. Pods live in memory only for now (a restarted huskd forgets them).
+//! idempotent. Each pod's record is kept on disk ([`crate::records`]): a restarted huskd
+//! restores its pods, Ready while their shim still answers, and can stop and remove them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -16,10 +18,11 @@ use tracing::{info, warn};
 use crate::cni::{Attachment, Cni, CniError, Network, PortMapping};
 use crate::config::Config;
 use crate::netns::{Netns, NetnsError, NETNS_DIR};
+use crate::records::{RecordError, Records};
 use crate::shim_client::{Shim, ShimError, ShimLauncher};
 
 /// What huskd needs of a pod config (the server maps CRI's PodSandboxConfig to it).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PodSpec {
     pub name: String,
     pub namespace: String,
@@ -30,7 +33,9 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub port_mappings: Vec<PortMapping>,
-    /// Host namespaces asked for (network, pid, ipc): a VM cannot share them.
+    /// Host namespaces asked for (network, pid, ipc): a VM cannot share them. Not
+    /// recorded: a pod asking for one never runs.
+    #[serde(skip)]
     pub host_namespaces: Vec<&'static str>,
 }
 
@@ -49,6 +54,8 @@ pub enum PodError {
     Cni(#[from] CniError),
     #[error("pod sandbox in the shim: {0}")]
     Shim(#[from] ShimError),
+    #[error("pod record: {0}")]
+    Record(#[from] RecordError),
     #[error("pod bundle {path}: {source}")]
     Bundle {
         path: PathBuf,
@@ -56,14 +63,14 @@ pub enum PodError {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PodState {
     Ready,
     NotReady,
 }
 
-/// A pod huskd runs.
-#[derive(Clone, Debug)]
+/// A pod huskd runs (also its record on disk).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pod {
     pub id: String,
     pub spec: PodSpec,
@@ -82,6 +89,7 @@ pub struct Pods {
     cni: Cni,
     bundles: PathBuf,
     launcher: ShimLauncher,
+    records: Records,
     pods: Mutex<HashMap<String, Pod>>,
 }
 
@@ -109,7 +117,25 @@ impl Pods {
             cni: Cni::new(config.cni.bin_dirs.clone(), config.state_dir.join("cni")),
             bundles: config.state_dir.join("bundles"),
             launcher,
+            records: Records::new(config.state_dir.join("pods")),
             pods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Restores the pods recorded by an earlier huskd. A Ready pod whose shim no longer
+    /// answers is NotReady now (kubelet then stops and removes it; Stop cleans up through
+    /// the shim's `delete`, the cached CNI result and the recorded netns).
+    pub async fn restore(&self) {
+        for mut pod in self.records.load::<Pod>() {
+            if pod.state == PodState::Ready && Shim::connect(&pod.shim_address).await.is_err() {
+                warn!(pod = %pod.id, "the pod's shim is gone: NotReady");
+                pod.state = PodState::NotReady;
+                if let Err(e) = self.records.save(&pod.id, &pod) {
+                    warn!(pod = %pod.id, error = %e, "record the pod");
+                }
+            }
+            info!(pod = %pod.id, name = %pod.spec.name, state = ?pod.state, "pod restored");
+            self.pods.lock().await.insert(pod.id.clone(), pod);
         }
     }
 
@@ -141,7 +167,11 @@ impl Pods {
             bundle: self.bundles.join(&id),
             shim_address: String::new(),
         };
-        match self.bring_up(&mut pod, &net).await {
+        let up = match self.bring_up(&mut pod, &net).await {
+            Ok(()) => self.records.save(&id, &pod).map_err(PodError::from),
+            Err(e) => Err(e),
+        };
+        match up {
             Ok(()) => {
                 info!(pod = %id, name = %pod.spec.name, "pod sandbox running");
                 self.pods.lock().await.insert(id.clone(), pod);
@@ -229,6 +259,7 @@ impl Pods {
         self.tear_down(&pod).await;
         if let Some(p) = self.pods.lock().await.get_mut(id) {
             p.state = PodState::NotReady;
+            self.records.save(id, p)?;
         }
         Ok(())
     }
@@ -236,6 +267,7 @@ impl Pods {
     /// RemovePodSandbox: stops it if needed and forgets it.
     pub async fn remove(&self, id: &str) -> Result<(), PodError> {
         self.stop(id).await?;
+        self.records.remove(id)?;
         self.pods.lock().await.remove(id);
         Ok(())
     }

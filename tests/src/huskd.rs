@@ -126,6 +126,7 @@ pub struct Huskd {
     pub socket: PathBuf,
     pub bridge: String,
     log: PathBuf,
+    config: PathBuf,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -176,25 +177,37 @@ impl Huskd {
             ),
         )
         .expect("write husk.toml");
-        let log = p.join("huskd.log");
-        let out = std::fs::File::create(&log).expect("huskd log");
-        let child = Command::new(&huskd)
+        let mut h = Huskd {
+            socket: p.join("huskd.sock"),
+            log: p.join("huskd.log"),
+            dir: p,
+            bridge,
+            config,
+            child: None,
+            _dir: dir,
+        };
+        h.spawn();
+        h
+    }
+
+    /// Starts huskd on this instance's config (its log appended to) and waits for its socket.
+    fn spawn(&mut self) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("huskd log");
+        let child = Command::new(crate::bin_dir().join("huskd"))
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .env("HUSK_LOG", "husk_cri=debug,info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
             .spawn()
             .expect("start huskd");
-        let mut h = Huskd {
-            socket: p.join("huskd.sock"),
-            dir: p,
-            bridge,
-            log,
-            child: Some(child),
-            _dir: dir,
-        };
+        self.child = Some(child);
+        let h = self;
         let deadline = Instant::now() + READY;
         while std::os::unix::net::UnixStream::connect(&h.socket).is_err() {
             if let Some(Ok(Some(st))) = h.child.as_mut().map(Child::try_wait) {
@@ -207,7 +220,17 @@ impl Huskd {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        h
+    }
+
+    /// SIGKILLs huskd (a crash: no cleanup of its own runs) and starts it again on the same
+    /// state; the socket of the dead one is removed first so readiness means the new one.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        self.spawn();
     }
 
     pub fn log(&self) -> String {

@@ -4,6 +4,7 @@
 mod containers;
 pub mod image;
 pub mod runtime;
+mod stats;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -43,7 +44,7 @@ pub(crate) fn pod_status(e: PodError) -> Status {
             Code::FailedPrecondition
         }
         PodError::Cni(_) | PodError::Shim(_) => Code::Unknown,
-        PodError::Netns(_) | PodError::Bundle { .. } => Code::Internal,
+        PodError::Netns(_) | PodError::Bundle { .. } | PodError::Record(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
 }
@@ -102,6 +103,9 @@ pub async fn serve(
     };
     let pods = Pods::new(&config, launcher.clone());
     let containers = Containers::new(store, &config.state_dir, &config.data_dir, launcher);
+    // What an earlier huskd left running (its shims outlive it) is taken back first.
+    pods.restore().await;
+    containers.restore().await;
     let runtime = runtime::Runtime::new(config.clone(), pods, containers);
 
     let socket = config.socket.clone();
