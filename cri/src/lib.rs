@@ -12,6 +12,7 @@ pub mod image;
 pub mod logs;
 pub mod netns;
 pub mod pause;
+pub mod pod_files;
 pub mod pods;
 pub mod records;
 pub mod server;

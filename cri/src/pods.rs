@@ -33,6 +33,13 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub port_mappings: Vec<PortMapping>,
+    /// `/etc/resolv.conf` of the pod's containers; None: the host's.
+    #[serde(default)]
+    pub dns: Option<crate::pod_files::DnsConfig>,
+    /// The pod's sysctls: in the sandbox spec, applied by the agent in the pause container's
+    /// namespaces, which the pod's containers join (IPC, UTS; the guest's network).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
     /// Host namespaces asked for (network, pid, ipc): a VM cannot share them. Not
     /// recorded: a pod asking for one never runs.
     #[serde(skip)]
@@ -195,6 +202,8 @@ impl Pods {
         };
         std::fs::create_dir_all(pod.bundle.join("rootfs")).map_err(bundle_err)?;
         write_pause(&pod.bundle.join("rootfs")).map_err(bundle_err)?;
+        crate::pod_files::write(&pod.bundle, pod.spec.dns.as_ref(), &pod.spec.hostname)
+            .map_err(bundle_err)?;
         let spec = serde_json::to_vec_pretty(&sandbox_spec(pod)).expect("serialize a spec");
         std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
         pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
@@ -296,6 +305,15 @@ impl Pod {
         &self.shim_address
     }
 
+    /// The pod's `/etc/resolv.conf` and `/etc/hostname` (see [`crate::pod_files`]).
+    pub fn resolv_conf(&self) -> PathBuf {
+        crate::pod_files::resolv_conf_path(&self.bundle)
+    }
+
+    pub fn hostname_file(&self) -> PathBuf {
+        crate::pod_files::hostname_path(&self.bundle)
+    }
+
     /// The pod's network namespace (the host side of the VM's network).
     pub fn netns_path(&self) -> &std::path::Path {
         self.netns.path()
@@ -329,6 +347,15 @@ fn sandbox_spec(pod: &Pod) -> serde_json::Value {
     ] {
         ann.insert(format!("io.kubernetes.cri.{k}"), v);
     }
+    let mut linux = json!({
+        "namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            {"type": "network", "path": pod.netns.path()}
+        ]
+    });
+    if !pod.spec.sysctls.is_empty() {
+        linux["sysctl"] = json!(pod.spec.sysctls);
+    }
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -341,11 +368,6 @@ fn sandbox_spec(pod: &Pod) -> serde_json::Value {
         "mounts": crate::container_spec::default_mounts(),
         "hostname": pod.spec.hostname,
         "annotations": ann,
-        "linux": {
-            "namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                {"type": "network", "path": pod.netns.path()}
-            ]
-        }
+        "linux": linux
     })
 }

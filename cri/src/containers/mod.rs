@@ -256,6 +256,7 @@ impl Containers {
             .first()
             .cloned()
             .unwrap_or_else(|| cfg.image.clone());
+        let (resolv_conf, hostname_file) = (pod.resolv_conf(), pod.hostname_file());
         let view = PodView {
             id: &pod.id,
             name: &pod.spec.name,
@@ -263,6 +264,10 @@ impl Containers {
             uid: &pod.spec.uid,
             hostname: &pod.spec.hostname,
             netns: pod.netns_path(),
+            etc_files: &[
+                ("/etc/resolv.conf", resolv_conf.as_path()),
+                ("/etc/hostname", hostname_file.as_path()),
+            ],
         };
         let spec = container_spec::container_spec(&cfg, &img, &image_name, &view)?;
         let lowers = rec

@@ -78,6 +78,16 @@ fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
             host_ip: p.host_ip.clone(),
         })
         .collect();
+    let dns = c.dns_config.map(|d| crate::pod_files::DnsConfig {
+        servers: d.servers,
+        searches: d.searches,
+        options: d.options,
+    });
+    let sysctls = c
+        .linux
+        .as_ref()
+        .map(|l| l.sysctls.clone().into_iter().collect())
+        .unwrap_or_default();
     PodSpec {
         name: md.name,
         namespace: md.namespace,
@@ -89,6 +99,8 @@ fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
         annotations: c.annotations.into_iter().collect(),
         port_mappings,
         host_namespaces,
+        dns,
+        sysctls,
     }
 }
 

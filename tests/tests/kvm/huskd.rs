@@ -5,6 +5,7 @@
 //! a pod across a huskd restart, and the calls on live containers (stats, update, log
 //! reopen).
 mod live;
+mod pod_settings;
 mod restart;
 
 use std::path::Path;
