@@ -134,6 +134,11 @@ pub struct Huskd {
 impl Huskd {
     /// Starts huskd; `registry` is allowed over plain HTTP.
     pub fn start(registry: &str) -> Huskd {
+        Huskd::start_with(registry, "")
+    }
+
+    /// Starts huskd with `extra` appended to its husk.toml (e.g. the shim's `[timeouts]`).
+    pub fn start_with(registry: &str, extra: &str) -> Huskd {
         let huskd = crate::bin_dir().join("huskd");
         assert!(
             huskd.is_file(),
@@ -169,7 +174,7 @@ impl Huskd {
                  [huskd]\nsocket = \"{d}/huskd.sock\"\nstate_dir = \"{d}/state\"\n\
                  data_dir = \"{d}/data\"\n\
                  registries = [{{ host = \"{registry}\", policy = \"allow-insecure\" }}]\n\n\
-                 [huskd.cni]\nconf_dir = \"{d}/net.d\"\nbin_dirs = [\"/usr/lib/cni\"]\n",
+                 [huskd.cni]\nconf_dir = \"{d}/net.d\"\nbin_dirs = [\"/usr/lib/cni\"]\n{extra}",
                 vmm = crate::bin_dir().join("husk-vmm").display(),
                 kernel = guest.join("vmlinux").display(),
                 initramfs = guest.join("husk-initramfs.cpio").display(),

@@ -2,8 +2,9 @@
 //! busybox from a local docker-registry, runs a pod (handler `kata`) in a microVM through
 //! our shim, creates and starts containers in it, writes their CRI log, answers ExecSync,
 //! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
-//! a pod across a huskd restart, and the calls on live containers (stats, update, log
-//! reopen).
+//! a pod across a huskd restart, the calls on live containers (stats, update, log
+//! reopen), the pod's DNS/hostname/sysctls inside it, and four pods started at once.
+mod concurrent;
 mod live;
 mod pod_settings;
 mod restart;
