@@ -239,6 +239,7 @@ impl Agent {
             share_root: &self.cfg.share_root,
         };
         spec::prepare(&mut spec, cid, &rootfs, &req.mounts, &view)?;
+        spec::apply_sysctls(&spec::take_net_sysctls(&mut spec, &view))?;
         let own_pid_ns = spec
             .linux()
             .as_ref()

@@ -98,6 +98,63 @@ fn check_destination(dest: &str) -> Result<()> {
     Ok(())
 }
 
+/// Takes the `net.*` sysctls out of `spec` when the sandbox runs in the guest's own
+/// network namespace (guest mode), for the agent to apply itself ([`apply_sysctls`]):
+/// libcontainer takes that namespace for the host's and refuses them there, but in a VM
+/// the guest's network is the pod's. Other sysctls stay for libcontainer (applied in the
+/// container's IPC/UTS namespaces). In host mode nothing is taken.
+pub fn take_net_sysctls(spec: &mut Spec, sb: &SandboxView<'_>) -> Vec<(String, String)> {
+    if sb.netns.is_some() {
+        return Vec::new();
+    }
+    let Some(sysctl) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.sysctl_mut().as_mut())
+    else {
+        return Vec::new();
+    };
+    let net: Vec<String> = sysctl
+        .keys()
+        .filter(|k| k.starts_with("net.") || k.starts_with("net/"))
+        .cloned()
+        .collect();
+    let mut out: Vec<(String, String)> = net
+        .into_iter()
+        .filter_map(|k| sysctl.remove(&k).map(|v| (k, v)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// `/proc/sys` path of a sysctl named with dots (`net.ipv4.ip_forward`) or slashes; None
+/// for a name that could leave `/proc/sys`.
+pub fn sysctl_path(name: &str) -> Option<PathBuf> {
+    let rel = if name.contains('/') {
+        name.to_string()
+    } else {
+        name.replace('.', "/")
+    };
+    let ok = !rel.is_empty()
+        && rel
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    ok.then(|| Path::new("/proc/sys").join(rel))
+}
+
+/// Writes sysctls into `/proc/sys` of the agent's own namespaces (the guest's network).
+pub fn apply_sysctls(list: &[(String, String)]) -> Result<()> {
+    for (k, v) in list {
+        let p = sysctl_path(k).ok_or_else(|| {
+            AgentError::InvalidArgument(format!("sysctl {k:?}: not a valid name"))
+        })?;
+        std::fs::write(&p, v)
+            .map_err(|e| AgentError::InvalidArgument(format!("sysctl {k}={v:?}: {e}")))?;
+        tracing::info!(sysctl = %k, value = %v, "sysctl set in the guest's network namespace");
+    }
+    Ok(())
+}
+
 /// Rewrites `spec` for this sandbox. `rootfs` is the resolved rootfs directory.
 pub fn prepare(
     spec: &mut Spec,
@@ -460,6 +517,67 @@ mod tests {
             share_root,
         };
         prepare(spec, "c1", &rootfs, &[], &view)
+    }
+
+    #[test]
+    fn net_sysctls_are_taken_out_in_guest_mode_only() {
+        let json = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"sysctl": {
+                "net.ipv4.ip_forward": "1",
+                "net/core/somaxconn": "1024",
+                "kernel.shm_rmid_forced": "1"
+            }}
+        });
+        let mut view = SandboxView {
+            sandbox_id: "sb",
+            hostname: "",
+            resolv_conf: None,
+            netns: None,
+            first_init_pid: None,
+            shared_pid: false,
+            share_root: Path::new("/"),
+        };
+        let mut spec = parse_spec(json.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            take_net_sysctls(&mut spec, &view),
+            [
+                ("net.ipv4.ip_forward".to_string(), "1".to_string()),
+                ("net/core/somaxconn".to_string(), "1024".to_string())
+            ]
+        );
+        let left = spec.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(left.keys().collect::<Vec<_>>(), ["kernel.shm_rmid_forced"]);
+        // Host mode: the container has a netns of its own; libcontainer applies them all.
+        let netns = PathBuf::from("/var/run/netns/x");
+        view.netns = Some(&netns);
+        let mut spec = parse_spec(json.to_string().as_bytes()).unwrap();
+        assert!(take_net_sysctls(&mut spec, &view).is_empty());
+        assert_eq!(
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .sysctl()
+                .as_ref()
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn sysctl_names_map_into_proc_sys_only() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward"),
+            Some(PathBuf::from("/proc/sys/net/ipv4/ip_forward"))
+        );
+        assert_eq!(
+            sysctl_path("net/ipv4/conf/eth0.100/forwarding"),
+            Some(PathBuf::from("/proc/sys/net/ipv4/conf/eth0.100/forwarding"))
+        );
+        for bad in ["", "net/../../etc/passwd", "/net/x", "net..x", "net/./x"] {
+            assert_eq!(sysctl_path(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub enum SpecError {
 }
 
 /// What huskd needs of a CRI ContainerConfig.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, Deserialize)]
 pub struct ContainerConfig {
     pub name: String,
     pub attempt: u32,
@@ -84,7 +84,7 @@ pub struct ContainerConfig {
 }
 
 /// A host path bind-mounted into the container.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct BindMount {
     pub host_path: String,
     pub container_path: String,
@@ -129,6 +129,8 @@ pub struct PodView<'a> {
     pub uid: &'a str,
     pub hostname: &'a str,
     pub netns: &'a Path,
+    /// The pod's files bind-mounted into each container: (destination, host file).
+    pub etc_files: &'a [(&'a str, &'a Path)],
 }
 
 /// argv per Docker's rules: the config's command replaces the image's entrypoint (and its
@@ -264,7 +266,17 @@ pub fn container_spec(
             "options": ["rbind", "rprivate", if m.readonly { "ro" } else { "rw" }]
         }));
     }
-    Ok(json!({
+    // The pod's resolv.conf and hostname, unless the config mounts its own there (as
+    // containerd does); writable unless the rootfs is read-only.
+    for (dest, src) in pod.etc_files {
+        if src.exists() && !c.mounts.iter().any(|m| m.container_path == *dest) {
+            mounts.push(json!({
+                "destination": dest, "type": "bind", "source": src,
+                "options": ["rbind", "rprivate", if c.readonly_rootfs { "ro" } else { "rw" }]
+            }));
+        }
+    }
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": process(c, img, pod.hostname)?,
         "root": {"path": "rootfs", "readonly": c.readonly_rootfs},
@@ -278,7 +290,13 @@ pub fn container_spec(
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS
         }
-    }))
+    });
+    // The pod's hostname, as containerd sets it (the agent drops it where the container
+    // joins the sandbox's UTS namespace, which already has it).
+    if !pod.hostname.is_empty() {
+        spec["hostname"] = pod.hostname.into();
+    }
+    Ok(spec)
 }
 
 /// A rootfs mount as the shim's task Create takes it (`containerd.types.Mount`).
@@ -387,6 +405,7 @@ mod tests {
             uid: "u",
             hostname: "host",
             netns: &netns,
+            etc_files: &[],
         };
         let mut c = cfg(&["sh"], &["-c", "echo hi"]);
         c.working_dir = "/tmp".into();
@@ -415,6 +434,7 @@ mod tests {
         let m = s["mounts"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(m["source"], "/h");
         assert_eq!(m["options"], json!(["rbind", "rprivate", "ro"]));
+        assert_eq!(s["hostname"], "host");
         // The image's WorkingDir when the config has none.
         c.working_dir.clear();
         let s = container_spec(&c, &i, "busybox:1", &pod).unwrap();

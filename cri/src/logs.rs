@@ -6,6 +6,10 @@
 //! split into `P` (partial) records that end with an `F`. Output with no newline at EOF is
 //! written as a last `F` record, as containerd does.
 //!
+//! The log file sits behind a lock shared with the container's record, so ReopenContainerLog
+//! can swap in a new file between two writes. After a huskd restart the FIFOs, still held
+//! open by the shim, are opened again ([`open_fifos`]) and a new writer appends to the log.
+//!
 //! FIFOs are read through tokio's `unix::pipe` (epoll), never `tokio::fs`, whose blocking
 //! reads of a FIFO hang (containerd/rust-extensions #337).
 
@@ -137,15 +141,30 @@ pub struct OutputFifos {
     pub stderr: pipe::Receiver,
 }
 
+/// A container's open log file, shared by its writer and ReopenContainerLog.
+pub type LogFile = Arc<Mutex<std::fs::File>>;
+
 /// Makes `<dir>/<prefix>-stdout` and `-stderr` FIFOs and opens their read ends (without
 /// blocking: no writer exists yet). Must run inside the tokio runtime.
 pub fn make_fifos(dir: &Path, prefix: &str) -> std::io::Result<OutputFifos> {
     let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
-    let stdout_path = dir.join(format!("{prefix}-stdout"));
-    let stderr_path = dir.join(format!("{prefix}-stderr"));
-    for p in [&stdout_path, &stderr_path] {
-        nix::unistd::mkfifo(p, mode).map_err(std::io::Error::from)?;
+    for p in fifo_paths(dir, prefix) {
+        nix::unistd::mkfifo(&p, mode).map_err(std::io::Error::from)?;
     }
+    open_fifos(dir, prefix)
+}
+
+fn fifo_paths(dir: &Path, prefix: &str) -> [PathBuf; 2] {
+    [
+        dir.join(format!("{prefix}-stdout")),
+        dir.join(format!("{prefix}-stderr")),
+    ]
+}
+
+/// Opens the read ends of FIFOs [`make_fifos`] made earlier (by a huskd that has since
+/// died). Must run inside the tokio runtime.
+pub fn open_fifos(dir: &Path, prefix: &str) -> std::io::Result<OutputFifos> {
+    let [stdout_path, stderr_path] = fifo_paths(dir, prefix);
     Ok(OutputFifos {
         stdout: pipe::OpenOptions::new().open_receiver(&stdout_path)?,
         stderr: pipe::OpenOptions::new().open_receiver(&stderr_path)?,
@@ -165,11 +184,17 @@ pub fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-async fn copy_stream(
-    mut src: pipe::Receiver,
-    stream: Stream,
-    file: Option<Arc<Mutex<std::fs::File>>>,
-) {
+/// ReopenContainerLog: opens `path` afresh (creating it) and swaps it in under the lock, so
+/// the next write goes there and the old file (renamed away by the caller, e.g. kubelet's
+/// log rotation) gets none. When this returns the new file exists.
+pub fn reopen(file: &LogFile, path: &Path) -> std::io::Result<()> {
+    let new = open_log(path)?;
+    let old = std::mem::replace(&mut *file.lock().expect("log file lock"), new);
+    drop(old);
+    Ok(())
+}
+
+async fn copy_stream(mut src: pipe::Receiver, stream: Stream, file: Option<LogFile>) {
     let mut split = LineSplitter::new(MAX_LINE);
     let mut buf = vec![0u8; 32 * 1024];
     let write = |records: Vec<Record>| {
@@ -203,11 +228,10 @@ async fn copy_stream(
 /// Copies a container's output FIFOs into its CRI log file (or drains them when there is no
 /// log file) until both reach EOF.
 pub fn spawn_writer(
-    log: Option<std::fs::File>,
+    file: Option<LogFile>,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
 ) -> JoinHandle<()> {
-    let file = log.map(|f| Arc::new(Mutex::new(f)));
     tokio::spawn(async move {
         tokio::join!(
             copy_stream(stdout, Stream::Stdout, file.clone()),
@@ -292,11 +316,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reopened_log_gets_the_output_after_it_and_the_old_file_none() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = make_fifos(dir.path(), "c").unwrap();
+        let log = dir.path().join("c.log");
+        let file = Arc::new(Mutex::new(open_log(&log).unwrap()));
+        let task = spawn_writer(Some(file.clone()), f.stdout, f.stderr);
+        let mut out = pipe::OpenOptions::new()
+            .open_sender(&f.stdout_path)
+            .unwrap();
+        let wait_for = |p: PathBuf, text: &'static str| async move {
+            for _ in 0..500 {
+                if std::fs::read_to_string(&p)
+                    .unwrap_or_default()
+                    .contains(text)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{text:?} never reached {}", p.display());
+        };
+        out.write_all(b"before\n").await.unwrap();
+        wait_for(log.clone(), "before").await;
+        let rotated = dir.path().join("c.log.1");
+        std::fs::rename(&log, &rotated).unwrap();
+        reopen(&file, &log).unwrap();
+        assert!(log.is_file(), "the new file exists when reopen returns");
+        out.write_all(b"after\n").await.unwrap();
+        drop(out);
+        let _ = f.stderr_path;
+        wait_for(log.clone(), "after").await;
+        let new = std::fs::read_to_string(&log).unwrap();
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        assert!(!new.contains("before"), "{new}");
+        assert!(old.contains("before") && !old.contains("after"), "{old}");
+        task.abort();
+    }
+
+    #[tokio::test]
     async fn the_writer_logs_both_fifos_until_eof() {
         let dir = tempfile::tempdir().unwrap();
         let f = make_fifos(dir.path(), "c").unwrap();
         let log = dir.path().join("logs/c.log");
-        let task = spawn_writer(Some(open_log(&log).unwrap()), f.stdout, f.stderr);
+        let file = Arc::new(Mutex::new(open_log(&log).unwrap()));
+        let task = spawn_writer(Some(file), f.stdout, f.stderr);
         let mut out = pipe::OpenOptions::new()
             .open_sender(&f.stdout_path)
             .unwrap();

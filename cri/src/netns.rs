@@ -18,8 +18,9 @@ pub enum NetnsError {
     Remove { path: PathBuf, message: String },
 }
 
-/// A named network namespace (the bind-mounted file).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A named network namespace (the bind-mounted file); recorded as its path.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Netns {
     path: PathBuf,
 }

@@ -3,12 +3,14 @@
 //! sends, and the netns path), starts our shim and has it Create and Start the sandbox
 //! task. Any failure undoes every step already taken, newest first, so a failed pod leaves
 //! no netns, CNI allocation, shim or bundle. Stop and Remove undo a running pod and are
-//! idempotent. Pods live in memory only for now (a restarted huskd forgets them).
+//! idempotent. Each pod's record is kept on disk ([`crate::records`]): a restarted huskd
+//! restores its pods, Ready while their shim still answers, and can stop and remove them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -16,10 +18,11 @@ use tracing::{info, warn};
 use crate::cni::{Attachment, Cni, CniError, Network, PortMapping};
 use crate::config::Config;
 use crate::netns::{Netns, NetnsError, NETNS_DIR};
+use crate::records::{RecordError, Records};
 use crate::shim_client::{Shim, ShimError, ShimLauncher};
 
 /// What huskd needs of a pod config (the server maps CRI's PodSandboxConfig to it).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PodSpec {
     pub name: String,
     pub namespace: String,
@@ -30,7 +33,16 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub port_mappings: Vec<PortMapping>,
-    /// Host namespaces asked for (network, pid, ipc): a VM cannot share them.
+    /// `/etc/resolv.conf` of the pod's containers; None: the host's.
+    #[serde(default)]
+    pub dns: Option<crate::pod_files::DnsConfig>,
+    /// The pod's sysctls: in the sandbox spec, applied by the agent in the pause container's
+    /// namespaces, which the pod's containers join (IPC, UTS; the guest's network).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    /// Host namespaces asked for (network, pid, ipc): a VM cannot share them. Not
+    /// recorded: a pod asking for one never runs.
+    #[serde(skip)]
     pub host_namespaces: Vec<&'static str>,
 }
 
@@ -49,6 +61,8 @@ pub enum PodError {
     Cni(#[from] CniError),
     #[error("pod sandbox in the shim: {0}")]
     Shim(#[from] ShimError),
+    #[error("pod record: {0}")]
+    Record(#[from] RecordError),
     #[error("pod bundle {path}: {source}")]
     Bundle {
         path: PathBuf,
@@ -56,14 +70,14 @@ pub enum PodError {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PodState {
     Ready,
     NotReady,
 }
 
-/// A pod huskd runs.
-#[derive(Clone, Debug)]
+/// A pod huskd runs (also its record on disk).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Pod {
     pub id: String,
     pub spec: PodSpec,
@@ -82,6 +96,7 @@ pub struct Pods {
     cni: Cni,
     bundles: PathBuf,
     launcher: ShimLauncher,
+    records: Records,
     pods: Mutex<HashMap<String, Pod>>,
 }
 
@@ -109,7 +124,25 @@ impl Pods {
             cni: Cni::new(config.cni.bin_dirs.clone(), config.state_dir.join("cni")),
             bundles: config.state_dir.join("bundles"),
             launcher,
+            records: Records::new(config.state_dir.join("pods")),
             pods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Restores the pods recorded by an earlier huskd. A Ready pod whose shim no longer
+    /// answers is NotReady now (kubelet then stops and removes it; Stop cleans up through
+    /// the shim's `delete`, the cached CNI result and the recorded netns).
+    pub async fn restore(&self) {
+        for mut pod in self.records.load::<Pod>() {
+            if pod.state == PodState::Ready && Shim::connect(&pod.shim_address).await.is_err() {
+                warn!(pod = %pod.id, "the pod's shim is gone: NotReady");
+                pod.state = PodState::NotReady;
+                if let Err(e) = self.records.save(&pod.id, &pod) {
+                    warn!(pod = %pod.id, error = %e, "record the pod");
+                }
+            }
+            info!(pod = %pod.id, name = %pod.spec.name, state = ?pod.state, "pod restored");
+            self.pods.lock().await.insert(pod.id.clone(), pod);
         }
     }
 
@@ -141,7 +174,11 @@ impl Pods {
             bundle: self.bundles.join(&id),
             shim_address: String::new(),
         };
-        match self.bring_up(&mut pod, &net).await {
+        let up = match self.bring_up(&mut pod, &net).await {
+            Ok(()) => self.records.save(&id, &pod).map_err(PodError::from),
+            Err(e) => Err(e),
+        };
+        match up {
             Ok(()) => {
                 info!(pod = %id, name = %pod.spec.name, "pod sandbox running");
                 self.pods.lock().await.insert(id.clone(), pod);
@@ -165,6 +202,8 @@ impl Pods {
         };
         std::fs::create_dir_all(pod.bundle.join("rootfs")).map_err(bundle_err)?;
         write_pause(&pod.bundle.join("rootfs")).map_err(bundle_err)?;
+        crate::pod_files::write(&pod.bundle, pod.spec.dns.as_ref(), &pod.spec.hostname)
+            .map_err(bundle_err)?;
         let spec = serde_json::to_vec_pretty(&sandbox_spec(pod)).expect("serialize a spec");
         std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
         pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
@@ -229,6 +268,7 @@ impl Pods {
         self.tear_down(&pod).await;
         if let Some(p) = self.pods.lock().await.get_mut(id) {
             p.state = PodState::NotReady;
+            self.records.save(id, p)?;
         }
         Ok(())
     }
@@ -236,6 +276,7 @@ impl Pods {
     /// RemovePodSandbox: stops it if needed and forgets it.
     pub async fn remove(&self, id: &str) -> Result<(), PodError> {
         self.stop(id).await?;
+        self.records.remove(id)?;
         self.pods.lock().await.remove(id);
         Ok(())
     }
@@ -262,6 +303,15 @@ impl Pod {
     /// The ttrpc address of the pod's shim (every container of the pod is served there).
     pub fn shim_address(&self) -> &str {
         &self.shim_address
+    }
+
+    /// The pod's `/etc/resolv.conf` and `/etc/hostname` (see [`crate::pod_files`]).
+    pub fn resolv_conf(&self) -> PathBuf {
+        crate::pod_files::resolv_conf_path(&self.bundle)
+    }
+
+    pub fn hostname_file(&self) -> PathBuf {
+        crate::pod_files::hostname_path(&self.bundle)
     }
 
     /// The pod's network namespace (the host side of the VM's network).
@@ -297,6 +347,15 @@ fn sandbox_spec(pod: &Pod) -> serde_json::Value {
     ] {
         ann.insert(format!("io.kubernetes.cri.{k}"), v);
     }
+    let mut linux = json!({
+        "namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            {"type": "network", "path": pod.netns.path()}
+        ]
+    });
+    if !pod.spec.sysctls.is_empty() {
+        linux["sysctl"] = json!(pod.spec.sysctls);
+    }
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -309,11 +368,6 @@ fn sandbox_spec(pod: &Pod) -> serde_json::Value {
         "mounts": crate::container_spec::default_mounts(),
         "hostname": pod.spec.hostname,
         "annotations": ann,
-        "linux": {
-            "namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                {"type": "network", "path": pod.netns.path()}
-            ]
-        }
+        "linux": linux
     })
 }

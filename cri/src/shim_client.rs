@@ -33,6 +33,17 @@ pub enum ShimError {
 
 /// The type of an exec's process spec (containerd's name for the OCI Process).
 const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+/// The type of an Update's resources (containerd's name for the OCI LinuxResources).
+const RESOURCES_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources";
+
+/// A task's usage, from the shim's Stats (cgroup v2 metrics of the container in the guest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskStats {
+    pub cpu_usage_usec: u64,
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub pids: u64,
+}
 
 /// A task Create: the bundle, the rootfs mounts and the output FIFOs.
 pub struct TaskCreate<'a> {
@@ -370,6 +381,54 @@ impl Shim {
             .await
             .map_err(call_err("Delete"))?;
         Ok(())
+    }
+
+    /// Update of a task's resources; `resources` is the OCI LinuxResources as JSON.
+    pub async fn update(&self, id: &str, resources: &serde_json::Value) -> Result<(), ShimError> {
+        let req = api::UpdateTaskRequest {
+            id: id.into(),
+            resources: MessageField::some(Any {
+                type_url: RESOURCES_TYPE.into(),
+                value: serde_json::to_vec(resources).expect("serialize resources"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.client
+            .update(ctx(), &req)
+            .await
+            .map_err(call_err("Update"))?;
+        Ok(())
+    }
+
+    /// A task's usage (the shim answers with cgroup v2 metrics).
+    pub async fn stats(&self, id: &str) -> Result<TaskStats, ShimError> {
+        use containerd_shim_protos::cgroups_v2::metrics::Metrics;
+        let req = api::StatsRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        let r = self
+            .client
+            .stats(ctx(), &req)
+            .await
+            .map_err(call_err("Stats"))?;
+        let bad = |message: String| ShimError::Call {
+            call: "Stats",
+            message,
+        };
+        let any = r
+            .stats
+            .into_option()
+            .ok_or_else(|| bad("no stats".into()))?;
+        let m = Metrics::parse_from_bytes(&any.value)
+            .map_err(|e| bad(format!("{} is not cgroup v2 metrics: {e}", any.type_url)))?;
+        Ok(TaskStats {
+            cpu_usage_usec: m.cpu.as_ref().map_or(0, |c| c.usage_usec),
+            memory_usage_bytes: m.memory.as_ref().map_or(0, |c| c.usage),
+            memory_limit_bytes: m.memory.as_ref().map_or(0, |c| c.usage_limit),
+            pids: m.pids.as_ref().map_or(0, |c| c.current),
+        })
     }
 
     /// Asks the shim to exit (it does once it holds no task).

@@ -126,6 +126,7 @@ pub struct Huskd {
     pub socket: PathBuf,
     pub bridge: String,
     log: PathBuf,
+    config: PathBuf,
     child: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -133,6 +134,11 @@ pub struct Huskd {
 impl Huskd {
     /// Starts huskd; `registry` is allowed over plain HTTP.
     pub fn start(registry: &str) -> Huskd {
+        Huskd::start_with(registry, "")
+    }
+
+    /// Starts huskd with `extra` appended to its husk.toml (e.g. the shim's `[timeouts]`).
+    pub fn start_with(registry: &str, extra: &str) -> Huskd {
         let huskd = crate::bin_dir().join("huskd");
         assert!(
             huskd.is_file(),
@@ -168,7 +174,7 @@ impl Huskd {
                  [huskd]\nsocket = \"{d}/huskd.sock\"\nstate_dir = \"{d}/state\"\n\
                  data_dir = \"{d}/data\"\n\
                  registries = [{{ host = \"{registry}\", policy = \"allow-insecure\" }}]\n\n\
-                 [huskd.cni]\nconf_dir = \"{d}/net.d\"\nbin_dirs = [\"/usr/lib/cni\"]\n",
+                 [huskd.cni]\nconf_dir = \"{d}/net.d\"\nbin_dirs = [\"/usr/lib/cni\"]\n{extra}",
                 vmm = crate::bin_dir().join("husk-vmm").display(),
                 kernel = guest.join("vmlinux").display(),
                 initramfs = guest.join("husk-initramfs.cpio").display(),
@@ -176,25 +182,37 @@ impl Huskd {
             ),
         )
         .expect("write husk.toml");
-        let log = p.join("huskd.log");
-        let out = std::fs::File::create(&log).expect("huskd log");
-        let child = Command::new(&huskd)
+        let mut h = Huskd {
+            socket: p.join("huskd.sock"),
+            log: p.join("huskd.log"),
+            dir: p,
+            bridge,
+            config,
+            child: None,
+            _dir: dir,
+        };
+        h.spawn();
+        h
+    }
+
+    /// Starts huskd on this instance's config (its log appended to) and waits for its socket.
+    fn spawn(&mut self) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("huskd log");
+        let child = Command::new(crate::bin_dir().join("huskd"))
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .env("HUSK_LOG", "husk_cri=debug,info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
             .spawn()
             .expect("start huskd");
-        let mut h = Huskd {
-            socket: p.join("huskd.sock"),
-            dir: p,
-            bridge,
-            log,
-            child: Some(child),
-            _dir: dir,
-        };
+        self.child = Some(child);
+        let h = self;
         let deadline = Instant::now() + READY;
         while std::os::unix::net::UnixStream::connect(&h.socket).is_err() {
             if let Some(Ok(Some(st))) = h.child.as_mut().map(Child::try_wait) {
@@ -207,7 +225,17 @@ impl Huskd {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        h
+    }
+
+    /// SIGKILLs huskd (a crash: no cleanup of its own runs) and starts it again on the same
+    /// state; the socket of the dead one is removed first so readiness means the new one.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        self.spawn();
     }
 
     pub fn log(&self) -> String {

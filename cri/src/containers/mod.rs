@@ -4,28 +4,36 @@
 //! shim's `start` (which answers with the pod's shim address) and has the shim Create the
 //! task with the image's layers as an overlay rootfs mount; Start, then a waiter records
 //! the exit. Stop signals SIGTERM, then SIGKILL after the timeout; Stop and Remove are
-//! idempotent. Any failure of Create undoes what it made. In memory only, like pods.
+//! idempotent. Any failure of Create undoes what it made. Each container's record is kept
+//! on disk ([`crate::records`]); a restarted huskd restores them (`restore.rs`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 mod exec;
 mod filter;
+mod live;
+mod restore;
+mod stats;
 
 pub use exec::ExecOutput;
 pub use filter::Filter;
+pub use live::Resources;
+pub use stats::ContainerStats;
 
 use crate::container_spec::{self, ContainerConfig, ImageConfig, PodView, SpecError};
 use crate::image::pull::lookup_key;
 use crate::image::{ImageError, Store};
-use crate::logs;
+use crate::logs::{self, LogFile};
 use crate::pods::{Pod, PodState};
+use crate::records::Records;
 use crate::shim_client::{Shim, ShimError, ShimLauncher, TaskCreate};
 
 /// How long a SIGKILLed container may take to be reported exited.
@@ -80,15 +88,15 @@ pub(crate) fn io_err(
     move |source| ContainerError::Io { context, source }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContainerState {
     Created,
     Running,
     Exited,
 }
 
-/// A container huskd runs.
-#[derive(Clone, Debug)]
+/// A container huskd runs (also its record on disk).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Container {
     pub id: String,
     pub pod_id: String,
@@ -118,6 +126,8 @@ pub struct Container {
 struct Slot {
     c: Container,
     log_writer: Option<JoinHandle<()>>,
+    /// The open log file (ReopenContainerLog swaps it).
+    log_file: Option<LogFile>,
     exited: watch::Sender<bool>,
 }
 
@@ -128,6 +138,8 @@ pub struct Containers {
     bundles: PathBuf,
     rw_root: PathBuf,
     launcher: ShimLauncher,
+    records: Records,
+    cpu_samples: stats::CpuSamples,
     table: Table,
 }
 
@@ -185,6 +197,8 @@ impl Containers {
             bundles: state_dir.join("bundles"),
             rw_root: data_dir.join("containers"),
             launcher,
+            records: Records::new(state_dir.join("containers")),
+            cpu_samples: Default::default(),
             table: Arc::default(),
         }
     }
@@ -206,9 +220,11 @@ impl Containers {
             .collect()
     }
 
+    /// Changes a container and its record.
     fn update(&self, id: &str, f: impl FnOnce(&mut Container)) {
         if let Some(s) = self.table.lock().expect("containers lock").get_mut(id) {
             f(&mut s.c);
+            save(&self.records, &s.c);
         }
     }
 
@@ -240,6 +256,7 @@ impl Containers {
             .first()
             .cloned()
             .unwrap_or_else(|| cfg.image.clone());
+        let (resolv_conf, hostname_file) = (pod.resolv_conf(), pod.hostname_file());
         let view = PodView {
             id: &pod.id,
             name: &pod.spec.name,
@@ -247,6 +264,10 @@ impl Containers {
             uid: &pod.spec.uid,
             hostname: &pod.spec.hostname,
             netns: pod.netns_path(),
+            etc_files: &[
+                ("/etc/resolv.conf", resolv_conf.as_path()),
+                ("/etc/hostname", hostname_file.as_path()),
+            ],
         };
         let spec = container_spec::container_spec(&cfg, &img, &image_name, &view)?;
         let lowers = rec
@@ -279,7 +300,7 @@ impl Containers {
         let id = new_id();
         let bundle = self.bundles.join(&id);
         let rw = self.rw_root.join(&id);
-        let mut writer = None;
+        let (mut writer, mut log_file) = (None, None);
         let made = self
             .make(
                 &id,
@@ -288,7 +309,7 @@ impl Containers {
                 &spec,
                 &lowers,
                 log_path.as_deref(),
-                &mut writer,
+                (&mut writer, &mut log_file),
             )
             .await;
         let address = match made {
@@ -324,20 +345,22 @@ impl Containers {
             task_deleted: false,
         };
         info!(container = %id, pod = %pod.id, name = %c.config.name, "container created");
+        save(&self.records, &c);
         let (exited, _) = watch::channel(false);
         self.table.lock().expect("containers lock").insert(
             id.clone(),
             Slot {
                 c,
                 log_writer: writer,
+                log_file,
                 exited,
             },
         );
         Ok(id)
     }
 
-    /// The on-disk and shim side of Create; returns the shim's address. `writer` gets the
-    /// log writer as soon as it runs, for the caller to stop on failure.
+    /// The on-disk and shim side of Create; returns the shim's address. `out` gets the log
+    /// writer as soon as it runs (for the caller to stop on failure) and the log file.
     #[allow(clippy::too_many_arguments)]
     async fn make(
         &self,
@@ -347,7 +370,7 @@ impl Containers {
         spec: &serde_json::Value,
         lowers: &[PathBuf],
         log_path: Option<&Path>,
-        writer: &mut Option<JoinHandle<()>>,
+        out: (&mut Option<JoinHandle<()>>, &mut Option<LogFile>),
     ) -> Result<String, ContainerError> {
         std::fs::create_dir_all(bundle.join("rootfs")).map_err(io_err("create the bundle"))?;
         let json = serde_json::to_vec_pretty(spec).expect("serialize a spec");
@@ -358,9 +381,11 @@ impl Containers {
         }
         let log = log_path
             .map(|p| logs::open_log(p).map_err(io_err(format!("open the log {}", p.display()))))
-            .transpose()?;
+            .transpose()?
+            .map(|f| Arc::new(Mutex::new(f)));
         let fifos = logs::make_fifos(bundle, "init").map_err(io_err("make the stdio FIFOs"))?;
-        *writer = Some(logs::spawn_writer(log, fifos.stdout, fifos.stderr));
+        *out.0 = Some(logs::spawn_writer(log.clone(), fifos.stdout, fifos.stderr));
+        *out.1 = log;
         let rootfs = [container_spec::overlay_mount(lowers, &upper, &work)];
         let address = self.launcher.start(id, bundle).await?;
         let shim = Shim::connect(&address).await?;
@@ -403,7 +428,15 @@ impl Containers {
             c.state = ContainerState::Running;
             c.started_at_ns = now_ns();
         });
-        let (table, address, id) = (self.table.clone(), c.shim_address.clone(), id.to_string());
+        self.spawn_waiter(id, &c.shim_address);
+        Ok(())
+    }
+
+    /// Waits (in a task) for the container's exit through the shim and records it. A shim
+    /// that is gone counts as an exit (255) with the reason in the message.
+    fn spawn_waiter(&self, id: &str, address: &str) {
+        let (table, records) = (self.table.clone(), self.records.clone());
+        let (address, id) = (address.to_string(), id.to_string());
         tokio::spawn(async move {
             let waited = match Shim::connect(&address).await {
                 Ok(shim) => shim.wait(&id, "").await,
@@ -414,14 +447,13 @@ impl Containers {
                 Err(e) => (255, format!("lost the container's shim: {e}")),
             };
             let reason = if code == 0 { "Completed" } else { "Error" };
-            finish_in(&table, &id, code, reason, &message);
+            finish_in(&table, &records, &id, code, reason, &message);
             info!(container = %id, code, "container exited");
         });
-        Ok(())
     }
 
     fn finish(&self, id: &str, code: i32, reason: &str, message: &str) {
-        finish_in(&self.table, id, code, reason, message);
+        finish_in(&self.table, &self.records, id, code, reason, message);
     }
 
     /// Waits until the container is recorded exited, up to `d`; true if it is.
@@ -500,6 +532,10 @@ impl Containers {
             return Ok(());
         };
         self.delete_task(&c).await;
+        self.cpu_samples.forget(id);
+        if let Err(e) = self.records.remove(id) {
+            warn!(container = %id, error = %e, "forget the container's record");
+        }
         let slot = self.table.lock().expect("containers lock").remove(id);
         if let Some(w) = slot.and_then(|s| s.log_writer) {
             w.abort();
@@ -540,7 +576,7 @@ impl Containers {
 
 /// Records an exit (a created container whose Start failed counts as exited too) and wakes
 /// whoever waits for it.
-fn finish_in(table: &Table, id: &str, code: i32, reason: &str, message: &str) {
+fn finish_in(table: &Table, records: &Records, id: &str, code: i32, reason: &str, message: &str) {
     let mut t = table.lock().expect("containers lock");
     if let Some(s) = t.get_mut(id) {
         s.c.state = ContainerState::Exited;
@@ -548,6 +584,15 @@ fn finish_in(table: &Table, id: &str, code: i32, reason: &str, message: &str) {
         s.c.exit_code = code;
         s.c.reason = reason.into();
         s.c.message = message.into();
+        save(records, &s.c);
         s.exited.send_replace(true);
+    }
+}
+
+/// Records a container's state. A failed write is logged, not fatal: the container runs
+/// either way, and only a huskd restart would miss the change.
+fn save(records: &Records, c: &Container) {
+    if let Err(e) = records.save(&c.id, c) {
+        warn!(container = %c.id, error = %e, "record the container");
     }
 }

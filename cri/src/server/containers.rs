@@ -7,7 +7,7 @@ use k8s_cri::v1 as cri;
 use tonic::{Code, Status};
 
 use crate::container_spec::{BindMount, ContainerConfig};
-use crate::containers::{Container, ContainerError, ContainerState, Containers, Filter};
+use crate::containers::{Container, ContainerError, ContainerState, Containers, Filter, Resources};
 use crate::pods::Pods;
 
 pub(crate) fn container_status_code(e: ContainerError) -> Status {
@@ -189,6 +189,38 @@ pub(crate) fn status(containers: &Containers, id: &str) -> Result<cri::Container
         .get(id)
         .map(|c| to_status(&c))
         .ok_or_else(|| container_status_code(ContainerError::NotFound(id.into())))
+}
+
+/// CRI's LinuxContainerResources in the layer's terms.
+fn resources(r: cri::LinuxContainerResources) -> Resources {
+    Resources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        memory_limit_bytes: r.memory_limit_in_bytes,
+        memory_swap_limit_bytes: r.memory_swap_limit_in_bytes,
+        cpuset_cpus: r.cpuset_cpus,
+        cpuset_mems: r.cpuset_mems,
+        hugepage_limits: r
+            .hugepage_limits
+            .into_iter()
+            .map(|h| (h.page_size, h.limit))
+            .collect(),
+        unified: r.unified.into_iter().collect(),
+    }
+}
+
+pub(crate) async fn update_resources(
+    containers: &Containers,
+    req: cri::UpdateContainerResourcesRequest,
+) -> Result<(), Status> {
+    let linux = req
+        .linux
+        .ok_or_else(|| Status::invalid_argument("UpdateContainerResources: no linux resources"))?;
+    containers
+        .update_resources(&req.container_id, &resources(linux))
+        .await
+        .map_err(container_status_code)
 }
 
 pub(crate) async fn exec_sync(

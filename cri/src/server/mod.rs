@@ -4,6 +4,7 @@
 mod containers;
 pub mod image;
 pub mod runtime;
+mod stats;
 mod streaming;
 
 use std::future::Future;
@@ -46,7 +47,7 @@ pub(crate) fn pod_status(e: PodError) -> Status {
             Code::FailedPrecondition
         }
         PodError::Cni(_) | PodError::Shim(_) => Code::Unknown,
-        PodError::Netns(_) | PodError::Bundle { .. } => Code::Internal,
+        PodError::Netns(_) | PodError::Bundle { .. } | PodError::Record(_) => Code::Internal,
     };
     Status::new(code, e.to_string())
 }
@@ -122,6 +123,9 @@ pub async fn serve(
     )
     .await
     .map_err(|e| ServeError::Streaming(e.to_string()))?;
+    // What an earlier huskd left running (its shims outlive it) is taken back first.
+    pods.restore().await;
+    containers.restore().await;
     let runtime = runtime::Runtime::new(config.clone(), pods, containers, Arc::new(stream_server));
 
     let socket = config.socket.clone();

@@ -1,5 +1,6 @@
 //! The CRI RuntimeService. Version, Status, RuntimeConfig, the pod sandbox calls, the
-//! container lifecycle and ExecSync answer (container calls in `containers.rs`); the rest
+//! container lifecycle, ExecSync, UpdateContainerResources, ReopenContainerLog and the
+//! stats calls answer (container calls in `containers.rs`, stats in `stats.rs`); the rest
 //! answer UNIMPLEMENTED (explicitly, so kubelet and crictl say so).
 
 use std::future::Future;
@@ -11,7 +12,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
 use super::containers::{self as ctr, container_status_code};
-use super::pod_status;
+use super::{pod_status, stats};
 use crate::cni::{self, PortMapping};
 use crate::config::{CgroupDriver, Config};
 use crate::containers::Containers;
@@ -86,6 +87,16 @@ fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
             host_ip: p.host_ip.clone(),
         })
         .collect();
+    let dns = c.dns_config.map(|d| crate::pod_files::DnsConfig {
+        servers: d.servers,
+        searches: d.searches,
+        options: d.options,
+    });
+    let sysctls = c
+        .linux
+        .as_ref()
+        .map(|l| l.sysctls.clone().into_iter().collect())
+        .unwrap_or_default();
     PodSpec {
         name: md.name,
         namespace: md.namespace,
@@ -97,6 +108,8 @@ fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
         annotations: c.annotations.into_iter().collect(),
         port_mappings,
         host_namespaces,
+        dns,
+        sysctls,
     }
 }
 
@@ -415,15 +428,67 @@ impl RuntimeService for Runtime {
         )?))
     }
 
+    async fn update_container_resources(
+        &self,
+        request: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        ctr::update_resources(&self.containers, request.into_inner()).await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        self.containers
+            .reopen_log(&request.into_inner().container_id)
+            .map_err(container_status_code)?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let s = stats::container_stats(&self.containers, &id).await?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(s),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let f = request.into_inner().filter;
+        let stats = stats::list_container_stats(&self.containers, f).await;
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        request: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        let s = stats::pod_sandbox_stats(&self.pods, &self.containers, &id).await?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(s),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        request: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let f = request.into_inner().filter;
+        let stats = stats::list_pod_sandbox_stats(&self.pods, &self.containers, f).await;
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
+
     not_yet! {
-        update_container_resources: UpdateContainerResourcesRequest => UpdateContainerResourcesResponse,
-        reopen_container_log: ReopenContainerLogRequest => ReopenContainerLogResponse,
         attach: AttachRequest => AttachResponse,
         port_forward: PortForwardRequest => PortForwardResponse,
-        container_stats: ContainerStatsRequest => ContainerStatsResponse,
-        list_container_stats: ListContainerStatsRequest => ListContainerStatsResponse,
-        pod_sandbox_stats: PodSandboxStatsRequest => PodSandboxStatsResponse,
-        list_pod_sandbox_stats: ListPodSandboxStatsRequest => ListPodSandboxStatsResponse,
         update_runtime_config: UpdateRuntimeConfigRequest => UpdateRuntimeConfigResponse,
         checkpoint_container: CheckpointContainerRequest => CheckpointContainerResponse,
         list_metric_descriptors: ListMetricDescriptorsRequest => ListMetricDescriptorsResponse,

@@ -8,6 +8,9 @@
 //! - an output pump closes its FIFO writer as soon as the output reaches EOF: containerd
 //!   1.6's ExecSync waits for EOF on both FIFOs with no timeout;
 //! - the stdin pump forwards EOF (shuts its writer down) when containerd closes stdin.
+//!
+//! An output pump also holds a read end of its FIFO, so a client that restarts finds the
+//! output waiting instead of a pump ended by EPIPE.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -112,7 +115,16 @@ impl Pumps {
                 let fifo = open_output(&p)
                     .await
                     .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", p.display())))?;
-                outputs.push(tokio::spawn(pump_out(src, fifo)));
+                // A read end of our own, never read, as containerd's runc shim keeps one:
+                // when the client dies (huskd or containerd killed and restarted) our writes
+                // do not fail with EPIPE and end the pump; they wait in the pipe (and then
+                // block) until the restarted client opens the FIFO again and reads on.
+                let keep = open_input(&p)
+                    .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", p.display())))?;
+                outputs.push(tokio::spawn(async move {
+                    let _keep = keep;
+                    pump_out(src, fifo).await
+                }));
             }
         }
         let stdin = match (StdioPaths::path(&paths.stdin), io.stdin) {
@@ -226,6 +238,41 @@ mod tests {
             .unwrap();
         assert_eq!(got, b"abc");
         assert_eq!(pump.await.unwrap().unwrap(), 3);
+    }
+
+    /// A client that dies and comes back (huskd restarted) loses nothing: the pump holds a
+    /// read end, so writes in between wait in the pipe for the new reader.
+    #[tokio::test]
+    async fn output_survives_its_reader_going_and_coming_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = mkfifo(dir.path(), "out");
+        let mut first = pipe::OpenOptions::new().open_receiver(&out).unwrap();
+        let (mut w, r) = tokio::io::duplex(64);
+        let paths = StdioPaths {
+            stdout: out.to_string_lossy().into(),
+            ..Default::default()
+        };
+        let io = ProcessIo {
+            stdin: None,
+            stdout: Some(Box::new(r)),
+            stderr: None,
+        };
+        let mut pumps = Pumps::start(&paths, io).await.unwrap();
+        w.write_all(b"one\n").await.unwrap();
+        let mut buf = [0u8; 4];
+        first.read_exact(&mut buf).await.unwrap();
+        drop(first); // the client dies
+        w.write_all(b"two\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut second = pipe::OpenOptions::new().open_receiver(&out).unwrap();
+        drop(w);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut rest))
+            .await
+            .expect("EOF once the output ended")
+            .unwrap();
+        assert_eq!(rest, b"two\n");
+        pumps.drained().await;
     }
 
     /// The whole set: stdout and stderr to their FIFOs, EOF on both after the process

@@ -98,8 +98,10 @@ impl VmSpec {
     }
 }
 
-/// How long the VMM gets to bind its API socket, and virtiofsd its vhost-user socket.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the VMM gets to bind its API socket, and virtiofsd its vhost-user socket: they
+/// take milliseconds, but a node starting many pods at once (or a nested lab under load) can
+/// be seconds late, and a false timeout costs a whole pod start.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a launch looks for a socket (while also watching the process's exit).
 const SOCKET_POLL: Duration = Duration::from_millis(10);
 /// How long a shut-down VMM gets to exit before SIGKILL.

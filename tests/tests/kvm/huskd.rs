@@ -1,7 +1,14 @@
 //! huskd end to end with KVM (in the lab): a tonic CRI client drives huskd, which pulls
 //! busybox from a local docker-registry, runs a pod (handler `kata`) in a microVM through
 //! our shim, creates and starts containers in it, writes their CRI log, answers ExecSync,
-//! stops and removes everything, and leaves nothing behind.
+//! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
+//! a pod across a huskd restart, the calls on live containers (stats, update, log
+//! reopen), the pod's DNS/hostname/sysctls inside it, and four pods started at once.
+mod concurrent;
+mod live;
+mod pod_settings;
+mod restart;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -125,6 +132,103 @@ fn processes_with(needle: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Pulls `image` through huskd; returns its id.
+async fn pull(c: &mut CriClient, image: &str) -> String {
+    c.img
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
+        .into_inner()
+        .image_ref
+}
+
+/// RunPodSandbox with handler `kata`; returns the pod id.
+async fn run_pod(c: &mut CriClient, huskd: &Huskd, sandbox: &cri::PodSandboxConfig) -> String {
+    c.rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(sandbox.clone()),
+        runtime_handler: "kata".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\nhuskd log:\n{}", huskd.log()))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+/// Creates and starts a container; returns its id.
+async fn run_container(
+    c: &mut CriClient,
+    huskd: &Huskd,
+    pod: &str,
+    cfg: cri::ContainerConfig,
+    sandbox: &cri::PodSandboxConfig,
+) -> String {
+    let id = create(c, pod, cfg, sandbox)
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\nhuskd log:\n{}", huskd.log()));
+    c.rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e}\nhuskd log:\n{}", huskd.log()));
+    id
+}
+
+/// Stops and removes the pod, then asserts huskd holds nothing and left nothing on the
+/// host: records, bundles, writable layers, CNI cache and IPs, netns, shims.
+async fn remove_pod_and_assert_nothing_left(
+    c: &mut CriClient,
+    huskd: &Huskd,
+    pod: &str,
+    netns_before: &[String],
+) {
+    c.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\nhuskd log:\n{}", huskd.log()));
+    c.rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\nhuskd log:\n{}", huskd.log()));
+    assert_nothing_left(c, huskd, netns_before).await;
+}
+
+async fn assert_nothing_left(c: &mut CriClient, huskd: &Huskd, netns_before: &[String]) {
+    assert!(list(c, cri::ContainerFilter::default()).await.is_empty());
+    let pods =
+        c.rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+    assert!(pods.is_empty(), "{pods:?}");
+    for d in [
+        "state/bundles",
+        "data/containers",
+        "state/cni",
+        "state/pods",
+        "state/containers",
+    ] {
+        let left = entries(&huskd.dir.join(d));
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+    let ips: Vec<_> = entries(&huskd.dir.join("ipam/husk-huskd-test"))
+        .into_iter()
+        .filter(|n| n.starts_with("10."))
+        .collect();
+    assert!(ips.is_empty(), "IPs still allocated: {ips:?}");
+    assert_eq!(husk_netns(), netns_before, "a netns was left");
+    let shims = processes_with(&huskd.socket.display().to_string());
+    assert!(shims.is_empty(), "shims left: {shims:?}");
 }
 
 /// pull → runp (kata) → create → start → CRI log → ExecSync (and its timeout) → a second
@@ -446,31 +550,8 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
         assert!(log.is_file(), "the log stays for kubelet");
 
         // The pod goes with the other container still in it.
-        c.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\nhuskd log:\n{}", huskd.log()));
-        c.rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\nhuskd log:\n{}", huskd.log()));
+        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
         lap("pod stopped and removed");
-        assert!(list(&mut c, cri::ContainerFilter::default())
-            .await
-            .is_empty());
-        assert!(entries(&bundles).is_empty(), "{:?}", entries(&bundles));
-        assert!(entries(&rw).is_empty(), "{:?}", entries(&rw));
-        assert!(entries(&huskd.dir.join("state/cni")).is_empty());
-        let ips: Vec<_> = entries(&huskd.dir.join("ipam/husk-huskd-test"))
-            .into_iter()
-            .filter(|n| n.starts_with("10."))
-            .collect();
-        assert!(ips.is_empty(), "IPs still allocated: {ips:?}");
-        assert_eq!(husk_netns(), netns_before, "a netns was left");
-        let shims = processes_with(&huskd.socket.display().to_string());
-        assert!(shims.is_empty(), "shims left: {shims:?}");
     });
     let log = huskd.log();
     huskd.stop();

@@ -1,0 +1,153 @@
+//! huskd SIGKILLed with a pod and a container running, then started again on the same
+//! state: the pod and the container are still there and still run (the shim and the VM
+//! never noticed), the container's output still reaches its CRI log, its exit is still
+//! seen, and Stop/Remove of the pod then clean up everything the first huskd made.
+use std::time::{Duration, Instant};
+
+use husk_tests::containerd::cri::wait_log_line;
+use husk_tests::containerd::images;
+use husk_tests::huskd::{Huskd, Registry};
+use k8s_cri::v1 as cri;
+
+use super::{
+    container_config, husk_netns, pod_config, pull, remove_pod_and_assert_nothing_left,
+    run_container, run_pod, status,
+};
+
+async fn pod_status(c: &mut husk_tests::huskd::CriClient, pod: &str) -> cri::PodSandboxStatus {
+    c.rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: pod.into(),
+        verbose: false,
+    })
+    .await
+    .expect("PodSandboxStatus")
+    .into_inner()
+    .status
+    .expect("a status")
+}
+
+#[test]
+fn a_running_pod_survives_a_huskd_restart() {
+    husk_tests::require_kvm();
+    let t0 = Instant::now();
+    let lap = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
+    let registry = Registry::start();
+    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
+    let netns_before = husk_netns();
+    let vm_before = husk_tests::leaks::Snapshot::take();
+    let mut huskd = Huskd::start(&registry.host);
+    let rt = husk_tests::pod::runtime();
+    rt.block_on(async {
+        let mut c = huskd.connect();
+        pull(&mut c, &image).await;
+        let log_dir = huskd.dir.join("pod-logs");
+        let sandbox = pod_config("rpod", &log_dir);
+        let pod = run_pod(&mut c, &huskd, &sandbox).await;
+        let before = pod_status(&mut c, &pod).await;
+        let ip = before.network.clone().unwrap().ip;
+        assert!(!ip.is_empty());
+        let id = run_container(
+            &mut c,
+            &huskd,
+            &pod,
+            container_config("main", &image, &["sh", "-c", "echo before; sleep 600"]),
+            &sandbox,
+        )
+        .await;
+        let log = log_dir.join("main/0.log");
+        wait_log_line(&log, Duration::from_secs(60), |l| l.text == "before").await;
+        let started = status(&mut c, &id).await.unwrap();
+        lap("pod and container running");
+
+        huskd.kill_and_restart();
+        lap("huskd killed and restarted");
+        let mut c = huskd.connect();
+
+        // The pod: listed, Ready, same IP and creation time.
+        let items =
+            c.rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+                .await
+                .unwrap()
+                .into_inner()
+                .items;
+        assert_eq!(
+            items.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            [pod.as_str()],
+            "huskd log:\n{}",
+            huskd.log()
+        );
+        let after = pod_status(&mut c, &pod).await;
+        assert_eq!(after.state, cri::PodSandboxState::SandboxReady as i32);
+        assert_eq!(after.network.unwrap().ip, ip);
+        assert_eq!(after.created_at, before.created_at);
+        assert_eq!(after.metadata, before.metadata);
+
+        // The container: listed, Running, as before.
+        let listed =
+            c.rt.list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    pod_sandbox_id: pod.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].id, id);
+        assert_eq!(
+            listed[0].state,
+            cri::ContainerState::ContainerRunning as i32
+        );
+        let st = status(&mut c, &id).await.unwrap();
+        assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+        assert_eq!(st.started_at, started.started_at);
+        assert_eq!(st.log_path, started.log_path);
+
+        // It still runs commands, and its output still reaches the log (the new huskd
+        // reads the FIFOs the shim kept open).
+        let r =
+            c.rt.exec_sync(cri::ExecSyncRequest {
+                container_id: id.clone(),
+                cmd: ["sh", "-c", "echo after > /proc/1/fd/1; echo ok"]
+                    .map(String::from)
+                    .to_vec(),
+                timeout: 30,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync: {e}\nhuskd log:\n{}", huskd.log()))
+            .into_inner();
+        assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"ok\n"[..]));
+        wait_log_line(&log, Duration::from_secs(30), |l| l.text == "after").await;
+        lap("exec and log work after the restart");
+
+        // Its exit is seen: the new huskd waits on the shim again.
+        c.rt.stop_container(cri::StopContainerRequest {
+            container_id: id.clone(),
+            timeout: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopContainer: {e}\nhuskd log:\n{}", huskd.log()));
+        let st = status(&mut c, &id).await.unwrap();
+        assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+        assert_eq!((st.exit_code, st.reason.as_str()), (137, "Error"), "{st:?}");
+
+        // A second restart with the container exited: still recorded as exited.
+        huskd.kill_and_restart();
+        let mut c = huskd.connect();
+        let st = status(&mut c, &id).await.unwrap();
+        assert_eq!(
+            (st.state, st.exit_code),
+            (cri::ContainerState::ContainerExited as i32, 137)
+        );
+
+        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
+        lap("pod removed by the restarted huskd; nothing left");
+    });
+    let log = huskd.log();
+    huskd.stop();
+    drop(registry);
+    vm_before.assert_nothing_leaked();
+    eprintln!("--- huskd log ---\n{log}");
+}
