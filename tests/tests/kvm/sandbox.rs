@@ -131,7 +131,8 @@ fn guest_reaches_its_tap_in_the_pod_netns() {
 #[derive(Debug, PartialEq)]
 struct Residue {
     fds: usize,
-    /// Names of the threads other than tokio's (its blocking pool grows and shrinks on its
+    /// Names of the threads other than tokio's (`tokio-rt-worker`, `tokio-runtime-worker`: its
+    /// blocking pool grows and shrinks on its
     /// own), sorted.
     threads: Vec<String>,
 }
@@ -150,7 +151,7 @@ fn residue() -> Residue {
             std::fs::read_to_string(comm)
                 .ok()
                 .map(|c| c.trim().to_string())
-                .filter(|c| !c.starts_with("tokio-runtime"))
+                .filter(|c| !c.starts_with("tokio-"))
         })
         .collect();
     threads.sort();
