@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::{io_err, new_id, ContainerError, ContainerState, Containers};
+use super::{io_err, new_id, Container, ContainerError, ContainerState, Containers};
 use crate::logs;
 use crate::shim_client::Shim;
 
@@ -26,6 +26,33 @@ pub struct ExecOutput {
 }
 
 impl Containers {
+    /// The running container `id` that `call` may run `cmd` in: NotFound, a state error or
+    /// an empty command otherwise.
+    fn runnable(
+        &self,
+        id: &str,
+        cmd: &[String],
+        call: &'static str,
+    ) -> Result<Container, ContainerError> {
+        let c = self
+            .get(id)
+            .ok_or_else(|| ContainerError::NotFound(id.into()))?;
+        if c.state != ContainerState::Running {
+            return Err(ContainerError::State {
+                id: id.into(),
+                state: c.state,
+                call,
+                want: "running",
+            });
+        }
+        if cmd.is_empty() {
+            return Err(ContainerError::InvalidConfig(format!(
+                "{call}: cmd is empty"
+            )));
+        }
+        Ok(c)
+    }
+
     /// Runs `cmd` in container `id` with the container's env, cwd and user; `timeout`
     /// None waits as long as it runs.
     pub async fn exec_sync(
@@ -34,22 +61,7 @@ impl Containers {
         cmd: Vec<String>,
         timeout: Option<Duration>,
     ) -> Result<ExecOutput, ContainerError> {
-        let c = self
-            .get(id)
-            .ok_or_else(|| ContainerError::NotFound(id.into()))?;
-        if c.state != ContainerState::Running {
-            return Err(ContainerError::State {
-                id: id.into(),
-                state: c.state,
-                call: "ExecSync",
-                want: "running",
-            });
-        }
-        if cmd.is_empty() {
-            return Err(ContainerError::InvalidConfig(
-                "ExecSync: cmd is empty".into(),
-            ));
-        }
+        let c = self.runnable(id, &cmd, "ExecSync")?;
         let mut process = c.process.clone();
         process["args"] = serde_json::json!(cmd);
         process["terminal"] = false.into();
@@ -112,20 +124,7 @@ impl Containers {
         stdout: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
         stderr: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
     ) -> Result<i32, ContainerError> {
-        let c = self
-            .get(id)
-            .ok_or_else(|| ContainerError::NotFound(id.into()))?;
-        if c.state != ContainerState::Running {
-            return Err(ContainerError::State {
-                id: id.into(),
-                state: c.state,
-                call: "Exec",
-                want: "running",
-            });
-        }
-        if cmd.is_empty() {
-            return Err(ContainerError::InvalidConfig("Exec: cmd is empty".into()));
-        }
+        let c = self.runnable(id, &cmd, "Exec")?;
         let mut process = c.process.clone();
         process["args"] = serde_json::json!(cmd);
         process["terminal"] = false.into();

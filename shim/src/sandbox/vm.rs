@@ -420,6 +420,11 @@ impl Vm {
     /// reported as the VMM's death, with its log, which says why; anything else as the
     /// VMM's answer.
     fn request_failed(&self, op: &'static str, source: api::ApiError) -> SandboxError {
+        // An answer, even a refusal, means the VMM lives: only a lost connection is worth
+        // a moment's wait for its exit status.
+        if matches!(source, api::ApiError::Refused(_)) {
+            return SandboxError::Vmm { op, source };
+        }
         let exited = self
             .vmm
             .as_ref()
