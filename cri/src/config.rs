@@ -54,6 +54,10 @@ pub struct Config {
     /// Where the streaming server (Exec/Attach/PortForward URLs) listens; port 0 takes a
     /// free port. kubelet connects to it, so it must be reachable from kubelet's host.
     pub stream_address: std::net::SocketAddr,
+    /// The pod VM's initramfs (the file's top-level `initramfs` key, which the shim boots):
+    /// the built-in image is imported from it.
+    #[serde(skip)]
+    pub initramfs: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -99,6 +103,7 @@ impl Default for Config {
             registries: Vec::new(),
             default_registry_policy: RegistryPolicy::Allow,
             stream_address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            initramfs: PathBuf::new(),
         }
     }
 }
@@ -117,6 +122,8 @@ impl Default for CniConfig {
 struct File {
     #[serde(default)]
     huskd: Config,
+    #[serde(default)]
+    initramfs: PathBuf,
 }
 
 impl Config {
@@ -126,7 +133,10 @@ impl Config {
             path: origin.to_path_buf(),
             message: e.to_string(),
         })?;
-        Ok(f.huskd)
+        Ok(Config {
+            initramfs: f.initramfs,
+            ..f.huskd
+        })
     }
 
     /// Reads `path`; a missing file at the default path means all defaults, a missing file
@@ -152,6 +162,24 @@ impl Config {
             .find(|r| r.host == host)
             .map(|r| r.policy)
             .unwrap_or(self.default_registry_policy)
+    }
+
+    /// The pod VM's initramfs as the shim resolves it: the configured file, else
+    /// `husk-initramfs.cpio` in `$HUSK_GUEST_DIR`, else in `../guest` from huskd's own
+    /// directory (a build tree's `target/guest`), else in `/usr/share/husk/guest`.
+    pub fn guest_initramfs(&self) -> PathBuf {
+        if !self.initramfs.as_os_str().is_empty() {
+            return self.initramfs.clone();
+        }
+        let dir = std::env::var_os("HUSK_GUEST_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                let exe = std::env::current_exe().ok()?;
+                Some(exe.parent()?.parent()?.join("guest"))
+            })
+            .unwrap_or_else(|| PathBuf::from("/usr/share/husk/guest"));
+        dir.join("husk-initramfs.cpio")
     }
 
     /// The image store's root.

@@ -236,6 +236,16 @@ impl Puller {
     ) -> Result<ImageRecord, ImageError> {
         let reference = parse_reference(image)?;
         let registry = reference.registry().to_string();
+        if registry == super::builtin::BUILTIN_REGISTRY {
+            // Built-in images come from the guest image at start; kubelet's "Always" pull
+            // policy must still find them.
+            return store.find(&lookup_key(image)).ok_or_else(|| {
+                ImageError::NotFound(format!(
+                    "{image} ({registry} images are built in, never pulled; huskd has {})",
+                    super::builtin::BUILTIN_IMAGE
+                ))
+            });
+        }
         if self.policy(&registry) == RegistryPolicy::Reject {
             return Err(ImageError::RegistryRejected(registry));
         }
