@@ -51,6 +51,8 @@ pub struct Config {
     /// Per-registry pull policy; a registry not listed follows `default_registry_policy`.
     pub registries: Vec<Registry>,
     pub default_registry_policy: RegistryPolicy,
+    /// Mirrors per registry, tried in order before it (containerd's `registry.mirrors`).
+    pub mirrors: Vec<Mirror>,
     /// Where the streaming server (Exec/Attach/PortForward URLs) listens; port 0 takes a
     /// free port. kubelet connects to it, so it must be reachable from kubelet's host.
     pub stream_address: std::net::SocketAddr,
@@ -90,6 +92,18 @@ pub struct Registry {
     pub policy: RegistryPolicy,
 }
 
+/// Where pulls of one registry's images are tried first.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// `host[:port]` as it appears in image references (`docker.io` for Docker Hub).
+    pub registry: String,
+    /// Mirror hosts, each serving the same repositories under the same names; each follows
+    /// its own entry in `registries` (plain HTTP only where that says so). They are asked
+    /// without the request's credentials, which are for the registry itself.
+    pub endpoints: Vec<String>,
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -102,6 +116,7 @@ impl Default for Config {
             cgroup_driver: CgroupDriver::Cgroupfs,
             registries: Vec::new(),
             default_registry_policy: RegistryPolicy::Allow,
+            mirrors: Vec::new(),
             stream_address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             initramfs: PathBuf::new(),
         }

@@ -557,3 +557,48 @@ async fn a_pull_past_its_deadline_is_deadline_exceeded_and_keeps_nothing() {
         .await
         .is_none());
 }
+
+/// A registry's mirrors are tried in order before it, and the image keeps the registry's
+/// name: docker.io (unreachable here) is never asked once a mirror serves the image.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_serves_a_registrys_images_under_their_own_names() {
+    let reg = Registry::start();
+    let host = reg.host.clone();
+    let p = Pusher::new(&host).await;
+    let at_mirror = Reference::from_str(&format!("{host}/husk/mirrored:1")).unwrap();
+    let layer = tar_of(&[("etc/from-mirror", b"yes\n", false)]);
+    let config = config_json("", &[&layer]);
+    p.image(
+        &at_mirror,
+        &config,
+        &[(layer, "application/vnd.oci.image.layer.v1.tar")],
+        OCI_MANIFEST,
+    )
+    .await;
+    // The first mirror refuses connections; the second serves.
+    let huskd = Huskd::start(&format!(
+        "[[huskd.registries]]\nhost = \"{host}\"\npolicy = \"allow-insecure\"\n\
+         [[huskd.mirrors]]\nregistry = \"docker.io\"\nendpoints = [\"127.0.0.1:1\", \"{host}\"]\n"
+    ));
+    let mut c = huskd.connect();
+    let id = pull(&mut c, "docker.io/husk/mirrored:1")
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", huskd.log()));
+    assert_eq!(id, digest(&config));
+    let img = status(&mut c, "husk/mirrored:1")
+        .await
+        .expect("by its own name");
+    assert_eq!(img.repo_tags, ["docker.io/husk/mirrored:1"]);
+    assert!(
+        img.repo_digests[0].starts_with("docker.io/husk/mirrored@sha256:"),
+        "{img:?}"
+    );
+    assert!(
+        status(&mut c, &at_mirror.whole()).await.is_none(),
+        "not under the mirror's name"
+    );
+    // Another registry has no mirror: its pull goes to it (unreachable here) and fails.
+    let e = pull(&mut c, "quay.io/husk/mirrored:1").await.unwrap_err();
+    assert_ne!(e.code(), Code::Ok);
+    assert_eq!(count(&huskd.data.join("images/images")), 1);
+}

@@ -98,7 +98,11 @@ pub async fn serve(
         // missing cannot boot pods either, and says so then.
         warn!(image = crate::image::builtin::BUILTIN_IMAGE, error = %e, "built-in image not imported");
     }
-    let puller = Puller::new(&config.registries, config.default_registry_policy);
+    let puller = Puller::new(
+        &config.registries,
+        config.default_registry_policy,
+        &config.mirrors,
+    );
     let store = Arc::new(store);
     let images = image::Images::new(store.clone(), puller);
     let launcher = ShimLauncher {
