@@ -56,6 +56,8 @@ pub struct Config {
     /// Where the streaming server (Exec/Attach/PortForward URLs) listens; port 0 takes a
     /// free port. kubelet connects to it, so it must be reachable from kubelet's host.
     pub stream_address: std::net::SocketAddr,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens; none: off.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// The pod VM's initramfs (the file's top-level `initramfs` key, which the shim boots):
     /// the built-in image is imported from it.
     #[serde(skip)]
@@ -118,6 +120,7 @@ impl Default for Config {
             default_registry_policy: RegistryPolicy::Allow,
             mirrors: Vec::new(),
             stream_address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_address: None,
             initramfs: PathBuf::new(),
         }
     }

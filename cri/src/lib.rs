@@ -11,6 +11,7 @@ pub mod container_spec;
 pub mod containers;
 pub mod image;
 pub mod logs;
+pub mod metrics;
 pub mod netns;
 pub mod pause;
 pub mod pod_files;

@@ -421,6 +421,11 @@ impl Puller {
         let (digest, diff_id) = (layer.digest.clone(), diff_id.to_string());
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
+            if let Ok(m) = std::fs::metadata(&blob_path) {
+                crate::metrics::METRICS
+                    .pull_bytes
+                    .fetch_add(m.len(), std::sync::atomic::Ordering::Relaxed);
+            }
             let actual = file_digest(&blob_path)?;
             if actual != digest {
                 return Err(ImageError::Digest {

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::image_status;
 use crate::image::pull::lookup_key;
 use crate::image::{Credentials, ImageRecord, Puller, Store};
+use crate::metrics;
 
 pub struct Images {
     store: Arc<Store>,
@@ -161,6 +162,7 @@ impl ImageService for Images {
             Some(d) => tokio::time::timeout(d.saturating_sub(DEADLINE_MARGIN), pull)
                 .await
                 .map_err(|_| {
+                    metrics::inc(&metrics::METRICS.pull_failures);
                     Status::deadline_exceeded(format!(
                         "PullImage {image}: not done within the request's deadline ({:.1} s);                          nothing of it was kept",
                         d.as_secs_f64()
@@ -168,7 +170,10 @@ impl ImageService for Images {
                 })?,
             None => pull.await,
         };
-        let rec = pulled.map_err(image_status)?;
+        let rec = pulled
+            .inspect_err(|_| metrics::inc(&metrics::METRICS.pull_failures))
+            .map_err(image_status)?;
+        metrics::inc(&metrics::METRICS.pulls);
         Ok(Response::new(cri::PullImageResponse { image_ref: rec.id }))
     }
 

@@ -36,6 +36,11 @@ pub enum ServeError {
     },
     #[error("streaming server: {0}")]
     Streaming(String),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -114,7 +119,7 @@ pub async fn serve(
         publish_binary: "/bin/true".into(),
         config: config_path,
     };
-    let pods = Pods::new(&config, launcher.clone());
+    let pods = Arc::new(Pods::new(&config, launcher.clone()));
     let containers = Arc::new(Containers::new(
         store,
         &config.state_dir,
@@ -136,6 +141,11 @@ pub async fn serve(
     // What an earlier huskd left running (its shims outlive it) is taken back first.
     pods.restore().await;
     containers.restore().await;
+    if let Some(addr) = config.metrics_address {
+        crate::metrics::serve(addr, pods.clone(), containers.clone())
+            .await
+            .map_err(|source| ServeError::Metrics { addr, source })?;
+    }
     let runtime = runtime::Runtime::new(config.clone(), pods, containers, Arc::new(stream_server));
 
     let socket = config.socket.clone();

@@ -1,7 +1,7 @@
 //! The built-in image: huskd imports the busybox that the pod initramfs carries into its
 //! store at start, so with nothing pulled ListImages and ImageStatus show it, PullImage of
 //! it contacts no registry, and `huskctl run` (the README's demo) runs a pod on it and
-//! prints the container's CRI log.
+//! prints the container's CRI log; huskd's metrics count that pod's start.
 use std::process::Command;
 
 use husk_cri::image::builtin::BUILTIN_IMAGE;
@@ -87,6 +87,21 @@ fn a_pod_runs_on_the_built_in_image_with_nothing_pulled() {
         "{stdout}"
     );
     f.lap("huskctl ran a pod on it and removed it");
+    // huskd's metrics saw that pod start, its VM boot, and nothing fail.
+    let metrics = f.huskd.scrape_metrics();
+    for (name, want) in [
+        ("huskd_pod_start_seconds_count", "1"),
+        ("huskd_vm_boot_seconds_count", "1"),
+        ("huskd_pod_start_failures_total", "0"),
+        ("huskd_cni_errors_total", "0"),
+        ("huskd_pods{state=\"ready\"}", "0"),
+        ("huskd_containers{state=\"running\"}", "0"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == format!("{name} {want}")),
+            "{name} {want}:\n{metrics}"
+        );
+    }
     rt.block_on(async {
         super::assert_nothing_left(&mut f.huskd.connect(), &f.huskd, &f.netns_before).await
     });
