@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::cni::{Attachment, Cni, CniError, Network, PortMapping};
-use crate::config::Config;
+use crate::config::{CgroupDriver, Config};
 use crate::metrics::{self, METRICS};
 use crate::netns::{Netns, NetnsError, NETNS_DIR};
 use crate::records::{RecordError, Records};
@@ -41,6 +41,10 @@ pub struct PodSpec {
     /// namespaces, which the pod's containers join (IPC, UTS; the guest's network).
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
+    /// kubelet's cgroup parent for the pod, in the configured driver's form: the host-side
+    /// processes (shim, VMM, virtiofsd) go into a cgroup of the pod's under it.
+    #[serde(default)]
+    pub cgroup_parent: String,
     /// Host namespaces asked for (network, pid, ipc): a VM cannot share them. Not
     /// recorded: a pod asking for one never runs.
     #[serde(skip)]
@@ -51,6 +55,14 @@ pub struct PodSpec {
 pub enum PodError {
     #[error("unknown runtime handler {handler:?}; huskd serves {known:?}")]
     UnknownHandler { handler: String, known: Vec<String> },
+    #[error(
+        "cgroup parent {parent:?} is not in the form of huskd's cgroup driver ({driver:?}): \
+         kubelet's --cgroup-driver must match [huskd] cgroup_driver"
+    )]
+    CgroupParent {
+        parent: String,
+        driver: CgroupDriver,
+    },
     #[error(
         "a VM sandbox cannot share the host's {0} namespace: the pod runs in its own \
          microVM (set hostNetwork/hostPID/hostIPC to false, or use another RuntimeClass)"
@@ -93,6 +105,7 @@ pub struct Pod {
 
 pub struct Pods {
     handlers: Vec<String>,
+    cgroup_driver: CgroupDriver,
     cni_conf_dir: PathBuf,
     cni: Cni,
     bundles: PathBuf,
@@ -121,6 +134,7 @@ impl Pods {
     pub fn new(config: &Config, launcher: ShimLauncher) -> Pods {
         Pods {
             handlers: config.runtime_handlers.clone(),
+            cgroup_driver: config.cgroup_driver,
             cni_conf_dir: config.cni.conf_dir.clone(),
             cni: Cni::new(config.cni.bin_dirs.clone(), config.state_dir.join("cni")),
             bundles: config.state_dir.join("bundles"),
@@ -158,6 +172,8 @@ impl Pods {
         if let Some(ns) = spec.host_namespaces.first() {
             return Err(PodError::HostNamespace(ns));
         }
+        // A parent in the wrong driver's form is refused before anything is made.
+        cgroups_path(self.cgroup_driver, &spec.cgroup_parent, "")?;
         let started = std::time::Instant::now();
         let net = Network::load(&self.cni_conf_dir)?;
         let id = new_id();
@@ -210,7 +226,8 @@ impl Pods {
         write_pause(&pod.bundle.join("rootfs")).map_err(bundle_err)?;
         crate::pod_files::write(&pod.bundle, pod.spec.dns.as_ref(), &pod.spec.hostname)
             .map_err(bundle_err)?;
-        let spec = serde_json::to_vec_pretty(&sandbox_spec(pod)).expect("serialize a spec");
+        let spec = serde_json::to_vec_pretty(&sandbox_spec(pod, self.cgroup_driver)?)
+            .expect("serialize a spec");
         std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
         pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
         let boot = std::time::Instant::now();
@@ -344,7 +361,26 @@ fn write_pause(rootfs: &std::path::Path) -> std::io::Result<()> {
 
 /// The sandbox task's OCI spec: what containerd 1.6's CRI plugin gives a VM runtime (the
 /// `io.kubernetes.cri.*` annotations, the pod's netns by path).
-fn sandbox_spec(pod: &Pod) -> serde_json::Value {
+/// The sandbox's OCI `cgroupsPath` under kubelet's `parent`, as containerd's CRI plugin
+/// forms it for each driver (`<parent>/<id>`; `<parent>:<prefix>:<id>`); None without a
+/// parent. A parent in the other driver's form is InvalidArgument: kubelet and huskd must
+/// agree on the driver (RuntimeConfig tells kubelet which).
+fn cgroups_path(driver: CgroupDriver, parent: &str, id: &str) -> Result<Option<String>, PodError> {
+    if parent.is_empty() {
+        return Ok(None);
+    }
+    let systemd_form = parent.ends_with(".slice") && !parent.contains('/');
+    match driver {
+        CgroupDriver::Cgroupfs if !systemd_form => Ok(Some(format!("{parent}/{id}"))),
+        CgroupDriver::Systemd if systemd_form => Ok(Some(format!("{parent}:husk:{id}"))),
+        _ => Err(PodError::CgroupParent {
+            parent: parent.into(),
+            driver,
+        }),
+    }
+}
+
+fn sandbox_spec(pod: &Pod, driver: CgroupDriver) -> Result<serde_json::Value, PodError> {
     let mut ann: BTreeMap<String, String> = pod.spec.annotations.clone();
     for (k, v) in [
         ("container-type", "sandbox".to_string()),
@@ -365,7 +401,10 @@ fn sandbox_spec(pod: &Pod) -> serde_json::Value {
     if !pod.spec.sysctls.is_empty() {
         linux["sysctl"] = json!(pod.spec.sysctls);
     }
-    json!({
+    if let Some(path) = cgroups_path(driver, &pod.spec.cgroup_parent, &pod.id)? {
+        linux["cgroupsPath"] = json!(path);
+    }
+    Ok(json!({
         "ociVersion": "1.0.2",
         "process": {
             "user": {"uid": 0, "gid": 0},
@@ -378,5 +417,36 @@ fn sandbox_spec(pod: &Pod) -> serde_json::Value {
         "hostname": pod.spec.hostname,
         "annotations": ann,
         "linux": linux
-    })
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroups_paths_in_each_drivers_form() {
+        use CgroupDriver::*;
+        let path = |d, p: &str| cgroups_path(d, p, "abc");
+        assert_eq!(path(Cgroupfs, "").unwrap(), None);
+        assert_eq!(
+            path(Cgroupfs, "/kubepods/burstable/pod1")
+                .unwrap()
+                .as_deref(),
+            Some("/kubepods/burstable/pod1/abc")
+        );
+        assert_eq!(
+            path(Systemd, "kubepods-burstable-pod1.slice")
+                .unwrap()
+                .as_deref(),
+            Some("kubepods-burstable-pod1.slice:husk:abc")
+        );
+        for (d, p) in [
+            (Cgroupfs, "kubepods-burstable-pod1.slice"),
+            (Systemd, "/kubepods/burstable/pod1"),
+        ] {
+            let e = path(d, p).unwrap_err().to_string();
+            assert!(e.contains(p) && e.contains("--cgroup-driver"), "{e}");
+        }
+    }
 }

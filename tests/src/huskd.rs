@@ -136,6 +136,12 @@ impl Huskd {
 
     /// Starts huskd with `extra` appended to its husk.toml (e.g. the shim's `[timeouts]`).
     pub fn start_with(registry: &str, extra: &str) -> Huskd {
+        Huskd::start_configured(registry, "", extra)
+    }
+
+    /// Starts huskd with `huskd_keys` in its `[huskd]` section (e.g. `cgroup_driver`) and
+    /// `extra` appended to its husk.toml.
+    pub fn start_configured(registry: &str, huskd_keys: &str, extra: &str) -> Huskd {
         let huskd = crate::bin_dir().join("huskd");
         assert!(
             huskd.is_file(),
@@ -173,7 +179,8 @@ impl Huskd {
                 "vmm = \"{vmm}\"\nkernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\n\
                  [huskd]\nsocket = \"{d}/huskd.sock\"\nstate_dir = \"{d}/state\"\n\
                  data_dir = \"{d}/data\"\nmetrics_address = \"{metrics}\"\n\
-                 registries = [{{ host = \"{registry}\", policy = \"allow-insecure\" }}]\n\n\
+                 registries = [{{ host = \"{registry}\", policy = \"allow-insecure\" }}]\n\
+                 {huskd_keys}\n\n\
                  [huskd.cni]\nconf_dir = \"{d}/net.d\"\nbin_dirs = [\"/usr/lib/cni\"]\n{extra}",
                 vmm = crate::bin_dir().join("husk-vmm").display(),
                 kernel = guest.join("vmlinux").display(),

@@ -47,7 +47,9 @@ pub enum ServeError {
 
 pub(crate) fn pod_status(e: PodError) -> Status {
     let code = match &e {
-        PodError::UnknownHandler { .. } | PodError::HostNamespace(_) => Code::InvalidArgument,
+        PodError::UnknownHandler { .. }
+        | PodError::HostNamespace(_)
+        | PodError::CgroupParent { .. } => Code::InvalidArgument,
         PodError::Cni(CniError::NoConfig(_) | CniError::BadConfig { .. }) => {
             Code::FailedPrecondition
         }

@@ -97,6 +97,11 @@ fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
         .as_ref()
         .map(|l| l.sysctls.clone().into_iter().collect())
         .unwrap_or_default();
+    let cgroup_parent = c
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.clone())
+        .unwrap_or_default();
     PodSpec {
         name: md.name,
         namespace: md.namespace,
@@ -110,6 +115,7 @@ fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
         host_namespaces,
         dns,
         sysctls,
+        cgroup_parent,
     }
 }
 

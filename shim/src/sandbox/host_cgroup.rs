@@ -9,10 +9,16 @@
 //! are in the guest). Its ancestors get every available controller enabled for their
 //! children, as runc does, so that the leaf's memory, CPU and pids are counted.
 //!
+//! The systemd driver's `slice:prefix:name` form (containerd with `SystemdCgroup = true`,
+//! huskd with `cgroup_driver = "systemd"`) names the same place systemd would create: the
+//! slice expanded into its parents (`kubepods-burstable-pod1.slice` is
+//! `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice`) and the scope
+//! `<prefix>-<name>.scope` in it. The directories are made directly in the cgroup
+//! filesystem, as runc's cgroupfs manager would, not through systemd's D-Bus API: no systemd
+//! runs where husk is tested, and on a systemd host kubelet has already created the slices.
+//!
 //! Only the unified cgroup v2 hierarchy mounted at `/sys/fs/cgroup` is supported; a v1 or
-//! hybrid host, and the systemd driver's `slice:prefix:name` form, are refused with an error
-//! that says so (no systemd runs where husk is tested, and the cgroupfs driver is what the
-//! CRI config of husk's runtime class must use).
+//! hybrid host is refused with an error that says so.
 //!
 //! The owner (the shim) moves itself in before it starts the VM, so that the VMM and
 //! virtiofsd are born there, and out again (back to where it came from) before removing the
@@ -83,14 +89,11 @@ pub fn unified_mount(mountinfo: &str) -> Result<PathBuf> {
 }
 
 /// `cgroupsPath` of an OCI spec as a path relative to the hierarchy's root. Absolute and
-/// relative paths both start at the root (as runc's cgroupfs driver takes them).
+/// relative paths both start at the root (as runc's cgroupfs driver takes them); the
+/// systemd driver's `slice:prefix:name` is expanded as systemd lays it out.
 pub fn parse_cgroups_path(cgroups_path: &str) -> Result<PathBuf> {
     if cgroups_path.contains(':') {
-        return Err(err(format!(
-            "cgroupsPath {cgroups_path:?} is in the systemd driver's slice:prefix:name form; \
-             husk supports the cgroupfs driver only (containerd: SystemdCgroup = false for \
-             husk's runtime; kubelet: --cgroup-driver=cgroupfs)"
-        )));
+        return systemd_path(cgroups_path);
     }
     let mut rel = PathBuf::new();
     for c in Path::new(cgroups_path).components() {
@@ -109,6 +112,51 @@ pub fn parse_cgroups_path(cgroups_path: &str) -> Result<PathBuf> {
             "cgroupsPath {cgroups_path:?} names the root cgroup, not a pod's"
         )));
     }
+    Ok(rel)
+}
+
+/// `slice:prefix:name` as a path: the slice's ancestors, the slice, and `prefix-name.scope`.
+fn systemd_path(cgroups_path: &str) -> Result<PathBuf> {
+    let bad = |why: &str| {
+        err(format!(
+            "cgroupsPath {cgroups_path:?} is not the systemd driver's slice:prefix:name ({why})"
+        ))
+    };
+    let mut parts = cgroups_path.split(':');
+    let (Some(slice), Some(prefix), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("three fields"));
+    };
+    let unit_ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+            && s != "."
+            && s != ".."
+    };
+    if !unit_ok(prefix) || !unit_ok(name) {
+        return Err(bad("prefix and name: letters, digits, - _ . @"));
+    }
+    let mut rel = PathBuf::new();
+    let slice = if slice.is_empty() { "-.slice" } else { slice };
+    if slice != "-.slice" {
+        let stem = slice
+            .strip_suffix(".slice")
+            .filter(|s| unit_ok(s) && !s.starts_with('-') && !s.ends_with('-'))
+            .filter(|s| !s.contains("--"))
+            .ok_or_else(|| bad("a slice is <name>.slice, with '-' between its parents' names"))?;
+        // "a-b-c.slice" lives in "a.slice/a-b.slice/".
+        let mut prefix_of_parent = String::new();
+        for part in stem.split('-') {
+            if !prefix_of_parent.is_empty() {
+                prefix_of_parent.push('-');
+            }
+            prefix_of_parent.push_str(part);
+            rel.push(format!("{prefix_of_parent}.slice"));
+        }
+    }
+    rel.push(format!("{prefix}-{name}.scope"));
     Ok(rel)
 }
 
@@ -264,8 +312,33 @@ mod tests {
             parse_cgroups_path("default/x").unwrap(),
             PathBuf::from("default/x")
         );
-        let e = parse_cgroups_path("kubepods.slice:cri-containerd:abc").unwrap_err();
-        assert!(e.to_string().contains("systemd"), "{e}");
+        assert_eq!(
+            parse_cgroups_path("kubepods-burstable-pod1.slice:husk:abc").unwrap(),
+            Path::new(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/husk-abc.scope"
+            )
+        );
+        assert_eq!(
+            parse_cgroups_path("system.slice:cri-containerd:abc").unwrap(),
+            Path::new("system.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(
+            parse_cgroups_path(":husk:abc").unwrap(),
+            Path::new("husk-abc.scope")
+        );
+        for bad in [
+            "kubepods.slice:husk",
+            "kubepods.slice:husk:a:b",
+            "kubepods:husk:abc",
+            "a--b.slice:husk:abc",
+            "-a.slice:husk:abc",
+            "../x.slice:husk:abc",
+            "kubepods.slice:husk:../../etc",
+            "kubepods.slice::abc",
+        ] {
+            let e = parse_cgroups_path(bad).unwrap_err();
+            assert!(e.to_string().contains("systemd"), "{bad}: {e}");
+        }
         assert!(parse_cgroups_path("/a/../b").is_err());
         assert!(parse_cgroups_path("/").is_err());
     }

@@ -3,9 +3,10 @@
 //! our shim, creates and starts containers in it, writes their CRI log, answers ExecSync,
 //! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
 //! a pod across a huskd restart, the calls on live containers (stats, update, log
-//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, and a pod
-//! on the built-in image through `huskctl`.
+//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, a pod
+//! on the built-in image through `huskctl`, and the systemd cgroup driver.
 mod builtin_image;
+mod cgroups;
 mod concurrent;
 mod fixture;
 mod live;

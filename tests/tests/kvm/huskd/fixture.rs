@@ -29,13 +29,18 @@ impl Fixture {
 
     /// As `start`, with `extra` appended to huskd's husk.toml.
     pub fn start_with(extra: &str) -> Fixture {
+        Fixture::start_configured("", extra)
+    }
+
+    /// As `start`, with `huskd_keys` in huskd's `[huskd]` section and `extra` appended.
+    pub fn start_configured(huskd_keys: &str, extra: &str) -> Fixture {
         husk_tests::require_kvm();
         let t0 = Instant::now();
         let registry = Registry::start();
         let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
         let netns_before = husk_netns();
         let vm_before = Snapshot::take();
-        let huskd = Huskd::start_with(&registry.host, extra);
+        let huskd = Huskd::start_configured(&registry.host, huskd_keys, extra);
         let f = Fixture {
             huskd,
             registry,
