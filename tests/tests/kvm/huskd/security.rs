@@ -4,18 +4,14 @@
 //! Localhost seccomp profile and RuntimeDefault; bad security contexts and a host-network
 //! pod are refused with InvalidArgument before anything runs.
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_tests::containerd::cri::{parse_log, wait_log_line};
-use husk_tests::containerd::images;
-use husk_tests::huskd::{CriClient, Huskd, Registry};
+use husk_tests::huskd::{CriClient, Huskd};
 use k8s_cri::v1 as cri;
 use tonic::Code;
 
-use super::{
-    container_config, create, husk_netns, pod_config, pull, remove_pod_and_assert_nothing_left,
-    run_container, run_pod, wait_exited,
-};
+use super::{container_config, create, pod_config, run_container, run_pod, wait_exited, Fixture};
 
 /// Each container prints what it sees, then `done`.
 fn with_context(
@@ -69,19 +65,13 @@ fn profile(p: i32, localhost: &str) -> Option<cri::SecurityProfile> {
 
 #[test]
 fn the_security_context_takes_effect_in_the_guest() {
-    husk_tests::require_kvm();
-    let t0 = Instant::now();
-    let lap = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
-    let registry = Registry::start();
-    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
-    let netns_before = husk_netns();
-    let vm_before = husk_tests::leaks::Snapshot::take();
-    let mut huskd = Huskd::start(&registry.host);
+    let f = Fixture::start();
+    let (huskd, image) = (&f.huskd, f.image.clone());
+    let lap = |what: &str| f.lap(what);
     let rt = husk_tests::pod::runtime();
     rt.block_on(async {
-        let mut c = huskd.connect();
-        pull(&mut c, &image).await;
-        let log_dir = huskd.dir.join("pod-logs");
+        let (mut c, _) = f.client().await;
+        let log_dir = f.log_dir();
 
         // A host-network pod: refused at once, with the reason.
         let mut host_net = pod_config("hostnet", &log_dir);
@@ -111,7 +101,7 @@ fn the_security_context_takes_effect_in_the_guest() {
         lap("host-network pod refused");
 
         let sandbox = pod_config("secpod", &log_dir);
-        let pod = run_pod(&mut c, &huskd, &sandbox).await;
+        let pod = run_pod(&mut c, huskd, &sandbox).await;
         lap("pod running");
 
         // Refused before anything runs: a profile that is not there, a privileged
@@ -147,7 +137,7 @@ fn the_security_context_takes_effect_in_the_guest() {
         // A user by name from the image's passwd; its groups from /etc/group plus one.
         let lines = output_of(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
             &sandbox,
             &log_dir,
@@ -173,7 +163,7 @@ fn the_security_context_takes_effect_in_the_guest() {
 
         let lines = output_of(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
             &sandbox,
             &log_dir,
@@ -194,7 +184,7 @@ fn the_security_context_takes_effect_in_the_guest() {
         // containerd's default set (CapEff a80425fb) without CAP_CHOWN (bit 0).
         let lines = output_of(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
             &sandbox,
             &log_dir,
@@ -220,7 +210,7 @@ fn the_security_context_takes_effect_in_the_guest() {
 
         let lines = output_of(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
             &sandbox,
             &log_dir,
@@ -253,7 +243,7 @@ fn the_security_context_takes_effect_in_the_guest() {
         .unwrap();
         let lines = output_of(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
             &sandbox,
             &log_dir,
@@ -283,7 +273,7 @@ fn the_security_context_takes_effect_in_the_guest() {
         // `clone` rule read as runc reads it) and files.
         let lines = output_of(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
             &sandbox,
             &log_dir,
@@ -302,12 +292,8 @@ fn the_security_context_takes_effect_in_the_guest() {
         assert!(has(&lines, "/tmp/d"), "{lines:?}");
         lap("RuntimeDefault seccomp profile");
 
-        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
+        f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
         lap("pod removed");
     });
-    let log = huskd.log();
-    huskd.stop();
-    drop(registry);
-    vm_before.assert_nothing_leaked();
-    eprintln!("--- huskd log ---\n{log}");
+    f.finish();
 }
