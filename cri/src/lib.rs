@@ -4,6 +4,7 @@
 //! pull, unpack), `cni` and `netns` (pod networking). Each has its own error type; the
 //! server maps them to gRPC codes.
 
+pub mod client;
 pub mod cni;
 pub mod config;
 pub mod container_spec;

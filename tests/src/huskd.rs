@@ -4,15 +4,10 @@
 //! VMM and guest images, all in a temp dir; a CRI client on its socket. The same shape as
 //! `cri/tests/support` (which the host tests of huskd use).
 
+pub use husk_cri::client::CriClient;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -243,20 +238,7 @@ impl Huskd {
     }
 
     pub fn connect(&self) -> CriClient {
-        let socket = self.socket.clone();
-        let channel =
-            Endpoint::from_static("http://[::]").connect_with_connector_lazy(tower::service_fn(
-                move |_: Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
-                    }
-                },
-            ));
-        CriClient {
-            rt: RuntimeServiceClient::new(channel.clone()),
-            img: ImageServiceClient::new(channel),
-        }
+        husk_cri::client::connect(&self.socket)
     }
 
     /// Stops huskd (SIGTERM) and deletes the test bridge CNI made.
@@ -275,9 +257,4 @@ impl Drop for Huskd {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-pub struct CriClient {
-    pub rt: RuntimeServiceClient<Channel>,
-    pub img: ImageServiceClient<Channel>,
 }

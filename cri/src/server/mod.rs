@@ -16,7 +16,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Code, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cni::CniError;
 use crate::config::Config;
@@ -92,7 +92,17 @@ pub async fn serve(
         path: image_dir.clone(),
         source,
     })?;
-    let puller = Puller::new(&config.registries, config.default_registry_policy);
+    let initramfs = config.guest_initramfs();
+    if let Err(e) = crate::image::builtin::import(&store, &initramfs) {
+        // Pods can still run images pulled from registries; a node whose initramfs is
+        // missing cannot boot pods either, and says so then.
+        warn!(image = crate::image::builtin::BUILTIN_IMAGE, error = %e, "built-in image not imported");
+    }
+    let puller = Puller::new(
+        &config.registries,
+        config.default_registry_policy,
+        &config.mirrors,
+    );
     let store = Arc::new(store);
     let images = image::Images::new(store.clone(), puller);
     let launcher = ShimLauncher {
