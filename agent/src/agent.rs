@@ -18,6 +18,7 @@ use crate::process::{self, PendingIo, Process};
 use crate::reaper::{ExitInfo, Reaper};
 use crate::runtime::{ChildStdio, Runtime, RuntimeError};
 use crate::sandbox::{self, Sandbox};
+use crate::security;
 use crate::{cgroups, spec};
 use husk_proto::agent as pb;
 
@@ -239,6 +240,7 @@ impl Agent {
             share_root: &self.cfg.share_root,
         };
         spec::prepare(&mut spec, cid, &rootfs, &req.mounts, &view)?;
+        security::prepare(&mut spec)?;
         spec::apply_sysctls(&spec::take_net_sysctls(&mut spec, &view))?;
         let own_pid_ns = spec
             .linux()
@@ -399,7 +401,8 @@ impl Agent {
                 c.id
             )));
         }
-        let proc_spec = spec::parse_process(&req.oci_process_json)?;
+        let mut proc_spec = spec::parse_process(&req.oci_process_json)?;
+        security::normalise_process(&mut proc_spec);
         if let Ok(cspec) = oci_spec::runtime::Spec::load(c.bundle.join("config.json")) {
             if let Some(root) = cspec.root().as_ref() {
                 spec::check_process_executable(&proc_spec, &cspec, root.path())?;

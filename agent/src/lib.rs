@@ -19,6 +19,7 @@ pub mod process;
 pub mod reaper;
 pub mod runtime;
 pub mod sandbox;
+pub mod security;
 pub mod server;
 pub mod service;
 pub mod spec;

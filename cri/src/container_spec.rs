@@ -11,55 +11,19 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::security_context::{SecurityContext, SecurityError};
+use crate::users::{ProcessUser, UserError};
+
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// containerd's default capability set for a non-privileged container.
-const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
-
-const MASKED_PATHS: &[&str] = &[
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/sys/firmware",
-];
-
-const READONLY_PATHS: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
-];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     #[error("no command: the container config has no command or args and the image no entrypoint or cmd")]
     NoCommand,
-    #[error("user {0:?}: only numeric users (uid[:gid]) are supported yet")]
-    User(String),
-    #[error("run_as_group without run_as_user")]
-    GroupWithoutUser,
+    #[error("user: {0}")]
+    User(#[from] UserError),
+    #[error("security context: {0}")]
+    Security(#[from] SecurityError),
     #[error("image config: {0}")]
     ImageConfig(String),
 }
@@ -78,9 +42,9 @@ pub struct ContainerConfig {
     pub annotations: BTreeMap<String, String>,
     pub log_path: String,
     pub mounts: Vec<BindMount>,
-    pub readonly_rootfs: bool,
-    pub run_as_user: Option<i64>,
-    pub run_as_group: Option<i64>,
+    /// The security context (records of an older huskd have none: its defaults).
+    #[serde(default)]
+    pub security: SecurityContext,
 }
 
 /// A host path bind-mounted into the container.
@@ -177,28 +141,21 @@ pub fn env(c: &ContainerConfig, img: &ImageConfig, hostname: &str) -> Vec<String
     out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-/// uid and gid: the security context's, else the image's numeric `User`.
-fn user(c: &ContainerConfig, img: &ImageConfig) -> Result<(u32, u32), SpecError> {
-    if let Some(uid) = c.run_as_user {
-        return Ok((uid as u32, c.run_as_group.unwrap_or(0) as u32));
-    }
-    if c.run_as_group.is_some() {
-        return Err(SpecError::GroupWithoutUser);
-    }
-    let u = img.user.clone().unwrap_or_default();
-    if u.is_empty() {
-        return Ok((0, 0));
-    }
-    let (uid, gid) = u.split_once(':').unwrap_or((&u, "0"));
-    match (uid.parse(), gid.parse()) {
-        (Ok(uid), Ok(gid)) => Ok((uid, gid)),
-        _ => Err(SpecError::User(u)),
-    }
+/// What the security context resolved to with the image's files (see
+/// `containers/security.rs`): the process user and the seccomp profile.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub user: ProcessUser,
+    pub seccomp: Option<Value>,
 }
 
 /// The OCI `process` of the container (ExecSync reuses it with other args).
-pub fn process(c: &ContainerConfig, img: &ImageConfig, hostname: &str) -> Result<Value, SpecError> {
-    let (uid, gid) = user(c, img)?;
+pub fn process(
+    c: &ContainerConfig,
+    img: &ImageConfig,
+    hostname: &str,
+    res: &Resolved,
+) -> Result<Value, SpecError> {
     let cwd = [
         c.working_dir.as_str(),
         img.working_dir.as_deref().unwrap_or(""),
@@ -207,18 +164,26 @@ pub fn process(c: &ContainerConfig, img: &ImageConfig, hostname: &str) -> Result
     .find(|d| !d.is_empty())
     .unwrap_or("/")
     .to_string();
-    let caps = DEFAULT_CAPS;
-    Ok(json!({
+    let caps = c.security.capabilities()?;
+    let mut p = json!({
         "terminal": false,
-        "user": {"uid": uid, "gid": gid},
+        "user": {
+            "uid": res.user.uid, "gid": res.user.gid,
+            "additionalGids": res.user.additional_gids,
+        },
         "args": argv(c, img)?,
         "env": env(c, img, hostname),
         "cwd": cwd,
         "capabilities": {
             "bounding": caps, "effective": caps, "permitted": caps
         },
-        "noNewPrivileges": false
-    }))
+    });
+    // Only when set: an explicit `false` makes the runtime (libcontainer) load seccomp
+    // after dropping capabilities, where the kernel refuses it without no_new_privs.
+    if c.security.no_new_privs {
+        p["noNewPrivileges"] = true.into();
+    }
+    Ok(p)
 }
 
 /// containerd's default mounts of a container (the sandbox's too): without a `/dev` tmpfs
@@ -246,6 +211,7 @@ pub fn container_spec(
     img: &ImageConfig,
     image_name: &str,
     pod: &PodView,
+    res: &Resolved,
 ) -> Result<Value, SpecError> {
     let mut ann = c.annotations.clone();
     for (k, v) in [
@@ -259,7 +225,14 @@ pub fn container_spec(
     ] {
         ann.insert(format!("io.kubernetes.cri.{k}"), v.to_string());
     }
+    let sec = &c.security;
     let mut mounts = default_mounts();
+    if sec.privileged {
+        // containerd's privileged containers get a writable /sys (inside the guest).
+        if let Some(sys) = mounts.iter_mut().find(|m| m["destination"] == "/sys") {
+            sys["options"] = json!(["nosuid", "noexec", "nodev", "rw"]);
+        }
+    }
     for m in &c.mounts {
         mounts.push(json!({
             "destination": m.container_path, "type": "bind", "source": m.host_path,
@@ -272,14 +245,15 @@ pub fn container_spec(
         if src.exists() && !c.mounts.iter().any(|m| m.container_path == *dest) {
             mounts.push(json!({
                 "destination": dest, "type": "bind", "source": src,
-                "options": ["rbind", "rprivate", if c.readonly_rootfs { "ro" } else { "rw" }]
+                "options": ["rbind", "rprivate", if sec.readonly_rootfs { "ro" } else { "rw" }]
             }));
         }
     }
+    let (masked, readonly) = sec.paths()?;
     let mut spec = json!({
         "ociVersion": "1.0.2",
-        "process": process(c, img, pod.hostname)?,
-        "root": {"path": "rootfs", "readonly": c.readonly_rootfs},
+        "process": process(c, img, pod.hostname, res)?,
+        "root": {"path": "rootfs", "readonly": sec.readonly_rootfs},
         "mounts": mounts,
         "annotations": ann,
         "linux": {
@@ -287,10 +261,13 @@ pub fn container_spec(
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                 {"type": "network", "path": pod.netns}
             ],
-            "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": READONLY_PATHS
+            "maskedPaths": masked,
+            "readonlyPaths": readonly
         }
     });
+    if let Some(profile) = &res.seccomp {
+        spec["linux"]["seccomp"] = profile.clone();
+    }
     // The pod's hostname, as containerd sets it (the agent drops it where the container
     // joins the sandbox's UTS namespace, which already has it).
     if !pod.hostname.is_empty() {
@@ -379,20 +356,92 @@ mod tests {
         assert_eq!(env(&c, &ImageConfig::default(), "")[0], DEFAULT_PATH);
     }
 
+    fn root() -> Resolved {
+        Resolved {
+            user: ProcessUser {
+                uid: 0,
+                gid: 0,
+                additional_gids: vec![0],
+                name: Some("root".into()),
+            },
+            seccomp: None,
+        }
+    }
+
+    fn pod(netns: &Path) -> PodView<'_> {
+        PodView {
+            id: "pod1",
+            name: "p",
+            namespace: "default",
+            uid: "u",
+            hostname: "host",
+            netns,
+            etc_files: &[],
+        }
+    }
+
     #[test]
-    fn users_are_numeric_or_refused() {
-        let mut i = ImageConfig::default();
-        let mut c = cfg(&["x"], &[]);
-        assert_eq!(user(&c, &i), Ok((0, 0)));
-        i.user = Some("1000:50".into());
-        assert_eq!(user(&c, &i), Ok((1000, 50)));
-        i.user = Some("nobody".into());
-        assert_eq!(user(&c, &i), Err(SpecError::User("nobody".into())));
-        c.run_as_user = Some(7);
-        assert_eq!(user(&c, &i), Ok((7, 0)));
-        c.run_as_user = None;
-        c.run_as_group = Some(7);
-        assert_eq!(user(&c, &i), Err(SpecError::GroupWithoutUser));
+    fn the_security_context_shapes_the_spec() {
+        let netns = PathBuf::from("/n");
+        let mut c = cfg(&["sh"], &[]);
+        let i = ImageConfig::default();
+        let s = container_spec(&c, &i, "b", &pod(&netns), &root()).unwrap();
+        assert_eq!(
+            s["process"]["user"],
+            json!({"uid": 0, "gid": 0, "additionalGids": [0]})
+        );
+        assert!(s["process"].get("noNewPrivileges").is_none());
+        assert!(s["linux"].get("seccomp").is_none());
+        assert_eq!(s["linux"]["maskedPaths"].as_array().unwrap().len(), 10);
+        assert_eq!(s["root"]["readonly"], false);
+
+        c.security.readonly_rootfs = true;
+        c.security.no_new_privs = true;
+        c.security.drop_capabilities = vec!["CHOWN".into()];
+        c.security.masked_paths = vec!["/proc/version".into()];
+        let res = Resolved {
+            user: ProcessUser {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![1000, 10],
+                name: Some("user".into()),
+            },
+            seccomp: Some(json!({"defaultAction": "SCMP_ACT_ALLOW"})),
+        };
+        let s = container_spec(&c, &i, "b", &pod(&netns), &res).unwrap();
+        assert_eq!(
+            s["process"]["user"],
+            json!({"uid": 1000, "gid": 1000, "additionalGids": [1000, 10]})
+        );
+        assert_eq!(s["process"]["noNewPrivileges"], true);
+        assert_eq!(s["root"]["readonly"], true);
+        let caps = &s["process"]["capabilities"];
+        for set in ["bounding", "effective", "permitted"] {
+            assert!(!caps[set].as_array().unwrap().contains(&json!("CAP_CHOWN")));
+            assert!(caps[set].as_array().unwrap().contains(&json!("CAP_KILL")));
+        }
+        assert_eq!(s["linux"]["maskedPaths"], json!(["/proc/version"]));
+        assert_eq!(s["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ALLOW");
+
+        // Privileged: every capability, nothing masked, /sys writable.
+        c.security.privileged = true;
+        let s = container_spec(&c, &i, "b", &pod(&netns), &root()).unwrap();
+        assert_eq!(
+            s["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            crate::security_context::ALL_CAPS.len()
+        );
+        assert_eq!(s["linux"]["maskedPaths"], json!([]));
+        assert_eq!(s["linux"]["readonlyPaths"], json!([]));
+        let sys = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys")
+            .unwrap();
+        assert!(sys["options"].as_array().unwrap().contains(&json!("rw")));
     }
 
     #[test]
@@ -416,7 +465,7 @@ mod tests {
             readonly: true,
         });
         let i = ImageConfig::parse(br#"{"config":{"WorkingDir":"/w","Env":["X=y"]}}"#).unwrap();
-        let s = container_spec(&c, &i, "busybox:1", &pod).unwrap();
+        let s = container_spec(&c, &i, "busybox:1", &pod, &root()).unwrap();
         let a = &s["annotations"];
         assert_eq!(a["io.kubernetes.cri.container-type"], "container");
         assert_eq!(a["io.kubernetes.cri.sandbox-id"], "pod1");
@@ -437,7 +486,7 @@ mod tests {
         assert_eq!(s["hostname"], "host");
         // The image's WorkingDir when the config has none.
         c.working_dir.clear();
-        let s = container_spec(&c, &i, "busybox:1", &pod).unwrap();
+        let s = container_spec(&c, &i, "busybox:1", &pod, &root()).unwrap();
         assert_eq!(s["process"]["cwd"], "/w");
     }
 

@@ -49,6 +49,9 @@ pub struct PodSpec {
     /// recorded: a pod asking for one never runs.
     #[serde(skip)]
     pub host_namespaces: Vec<&'static str>,
+    /// The pod's security context allows privileged containers (inside its VM).
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

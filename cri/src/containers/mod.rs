@@ -21,6 +21,7 @@ mod exec;
 mod filter;
 mod live;
 mod restore;
+mod security;
 mod stats;
 
 pub use exec::ExecOutput;
@@ -269,7 +270,6 @@ impl Containers {
                 ("/etc/hostname", hostname_file.as_path()),
             ],
         };
-        let spec = container_spec::container_spec(&cfg, &img, &image_name, &view)?;
         let lowers = rec
             .layers
             .iter()
@@ -281,6 +281,8 @@ impl Containers {
                 rec.id
             )));
         }
+        let resolved = security::resolve(&cfg, &img, &lowers, pod.spec.privileged)?;
+        let spec = container_spec::container_spec(&cfg, &img, &image_name, &view, &resolved)?;
         if let Some(other) = self
             .list(&Filter {
                 pod_id: pod.id.clone(),

@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use crate::container_spec::{BindMount, ContainerConfig};
 use crate::containers::{Container, ContainerError, ContainerState, Containers, Filter, Resources};
 use crate::pods::Pods;
+use crate::security_context::{self, SecurityContext};
 
 pub(crate) fn container_status_code(e: ContainerError) -> Status {
     let code = match &e {
@@ -53,9 +54,36 @@ pub(crate) fn container_config(c: cri::ContainerConfig) -> Result<ContainerConfi
                 readonly: m.readonly,
             })
             .collect(),
-        readonly_rootfs: sc.readonly_rootfs,
+        security: security_context(sc)?,
+    })
+}
+
+/// CRI's container security context in the layer's terms.
+#[allow(deprecated)] // seccomp_profile_path: still sent by older kubelets and crictl
+fn security_context(sc: cri::LinuxContainerSecurityContext) -> Result<SecurityContext, Status> {
+    let seccomp = security_context::seccomp_from_cri(
+        sc.seccomp
+            .as_ref()
+            .map(|p| (p.profile_type, p.localhost_ref.as_str())),
+        &sc.seccomp_profile_path,
+    )
+    .map_err(|e| Status::invalid_argument(format!("CreateContainer: {e}")))?;
+    let caps = sc.capabilities.unwrap_or_default();
+    Ok(SecurityContext {
         run_as_user: sc.run_as_user.map(|v| v.value),
         run_as_group: sc.run_as_group.map(|v| v.value),
+        run_as_username: sc.run_as_username,
+        supplemental_groups: sc.supplemental_groups,
+        strict_groups: sc.supplemental_groups_policy
+            == cri::SupplementalGroupsPolicy::Strict as i32,
+        readonly_rootfs: sc.readonly_rootfs,
+        privileged: sc.privileged,
+        add_capabilities: caps.add_capabilities,
+        drop_capabilities: caps.drop_capabilities,
+        no_new_privs: sc.no_new_privs,
+        masked_paths: sc.masked_paths,
+        readonly_paths: sc.readonly_paths,
+        seccomp,
     })
 }
 

@@ -113,6 +113,11 @@ fn pod_spec(c: cri::PodSandboxConfig) -> PodSpec {
         annotations: c.annotations.into_iter().collect(),
         port_mappings,
         host_namespaces,
+        privileged: c
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .is_some_and(|s| s.privileged),
         dns,
         sysctls,
         cgroup_parent,

@@ -3,8 +3,9 @@
 //! our shim, creates and starts containers in it, writes their CRI log, answers ExecSync,
 //! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
 //! a pod across a huskd restart, the calls on live containers (stats, update, log
-//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, a pod
-//! on the built-in image through `huskctl`, and the systemd cgroup driver.
+//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, a pod on
+//! the built-in image through `huskctl`, the systemd cgroup driver, and the containers'
+//! security context.
 mod builtin_image;
 mod cgroups;
 mod concurrent;
@@ -12,6 +13,7 @@ mod fixture;
 mod live;
 mod pod_settings;
 mod restart;
+mod security;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
