@@ -134,100 +134,6 @@ fn the_security_context_takes_effect_in_the_guest() {
             assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         }
 
-        // A user by name from the image's passwd; its groups from /etc/group plus one.
-        let lines = output_of(
-            &mut c,
-            huskd,
-            &pod,
-            &sandbox,
-            &log_dir,
-            with_context(
-                "user",
-                &image,
-                "id",
-                cri::LinuxContainerSecurityContext {
-                    run_as_username: "user".into(),
-                    supplemental_groups: vec![4242],
-                    ..Default::default()
-                },
-            ),
-        )
-        .await;
-        // The kernel sorts the groups; a gid without a name prints bare.
-        let id = lines.first().cloned().unwrap_or_default();
-        assert!(
-            id.starts_with("uid=1000(user) gid=1000(user) groups=10(wheel),1000(user),4242"),
-            "{lines:?}"
-        );
-        lap("run_as_username");
-
-        let lines = output_of(
-            &mut c,
-            huskd,
-            &pod,
-            &sandbox,
-            &log_dir,
-            with_context(
-                "rofs",
-                &image,
-                "touch /x 2>/dev/null && echo rw || echo ro",
-                cri::LinuxContainerSecurityContext {
-                    readonly_rootfs: true,
-                    ..Default::default()
-                },
-            ),
-        )
-        .await;
-        assert!(has(&lines, "ro"), "{lines:?}");
-        lap("readonly rootfs");
-
-        // containerd's default set (CapEff a80425fb) without CAP_CHOWN (bit 0).
-        let lines = output_of(
-            &mut c,
-            huskd,
-            &pod,
-            &sandbox,
-            &log_dir,
-            with_context(
-                "nochown",
-                &image,
-                "chown 1 /tmp 2>/dev/null && echo chown-ok || echo chown-denied; \
-                 grep -E '^(CapEff|CapBnd):' /proc/self/status",
-                cri::LinuxContainerSecurityContext {
-                    capabilities: Some(cri::Capability {
-                        drop_capabilities: vec!["CHOWN".into()],
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-            ),
-        )
-        .await;
-        assert!(has(&lines, "chown-denied"), "{lines:?}");
-        assert!(has(&lines, "CapEff: 00000000a80425fa"), "{lines:?}");
-        assert!(has(&lines, "CapBnd: 00000000a80425fa"), "{lines:?}");
-        lap("dropped capability");
-
-        let lines = output_of(
-            &mut c,
-            huskd,
-            &pod,
-            &sandbox,
-            &log_dir,
-            with_context(
-                "nnp",
-                &image,
-                "grep -E '^NoNewPrivs:' /proc/self/status",
-                cri::LinuxContainerSecurityContext {
-                    no_new_privs: true,
-                    ..Default::default()
-                },
-            ),
-        )
-        .await;
-        assert!(has(&lines, "NoNewPrivs: 1"), "{lines:?}");
-        lap("no_new_privs");
-
         // A Localhost profile from a host path, for a non-root user without no_new_privs
         // (the filter goes in before the capabilities go).
         let profile_path = huskd.dir.join("deny-mkdir.json");
@@ -241,56 +147,88 @@ fn the_security_context_takes_effect_in_the_guest() {
             .to_string(),
         )
         .unwrap();
-        let lines = output_of(
-            &mut c,
-            huskd,
-            &pod,
-            &sandbox,
-            &log_dir,
-            with_context(
+        let cases = [
+            (
+                // A user by name from the image's passwd; its groups from /etc/group plus
+                // one. The kernel sorts the groups; a gid without a name prints bare.
+                "user",
+                "id",
+                cri::LinuxContainerSecurityContext {
+                    run_as_username: "user".into(),
+                    supplemental_groups: vec![4242],
+                    ..Default::default()
+                },
+                &["uid=1000(user) gid=1000(user) groups=10(wheel),1000(user),4242"][..],
+            ),
+            (
+                "rofs",
+                "touch /x 2>/dev/null && echo rw || echo ro",
+                cri::LinuxContainerSecurityContext {
+                    readonly_rootfs: true,
+                    ..Default::default()
+                },
+                &["ro"],
+            ),
+            (
+                // containerd's default set (CapEff a80425fb) without CAP_CHOWN (bit 0).
+                "nochown",
+                "chown 1 /tmp 2>/dev/null && echo chown-ok || echo chown-denied; \
+                 grep -E '^(CapEff|CapBnd):' /proc/self/status",
+                cri::LinuxContainerSecurityContext {
+                    capabilities: Some(cri::Capability {
+                        drop_capabilities: vec!["CHOWN".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                &[
+                    "chown-denied",
+                    "CapEff: 00000000a80425fa",
+                    "CapBnd: 00000000a80425fa",
+                ],
+            ),
+            (
+                "nnp",
+                "grep -E '^NoNewPrivs:' /proc/self/status",
+                cri::LinuxContainerSecurityContext {
+                    no_new_privs: true,
+                    ..Default::default()
+                },
+                &["NoNewPrivs: 1"],
+            ),
+            (
                 "seccomp-local",
-                &image,
                 "mkdir /tmp/d 2>&1; grep -E '^Seccomp:' /proc/self/status",
                 cri::LinuxContainerSecurityContext {
                     run_as_user: Some(cri::Int64Value { value: 1000 }),
                     seccomp: profile(2, &profile_path.display().to_string()),
                     ..Default::default()
                 },
+                &[
+                    "mkdir: can't create directory '/tmp/d': Operation not permitted",
+                    "Seccomp: 2",
+                ],
             ),
-        )
-        .await;
-        assert!(
-            has(
-                &lines,
-                "mkdir: can't create directory '/tmp/d': Operation not permitted"
-            ),
-            "{lines:?}"
-        );
-        assert!(has(&lines, "Seccomp: 2"), "{lines:?}");
-        lap("Localhost seccomp profile");
-
-        // RuntimeDefault: filtered, and ordinary work still runs: forks (moby's masked
-        // `clone` rule read as runc reads it) and files.
-        let lines = output_of(
-            &mut c,
-            huskd,
-            &pod,
-            &sandbox,
-            &log_dir,
-            with_context(
+            (
+                // RuntimeDefault: filtered, and ordinary work still runs: forks (moby's
+                // masked `clone` rule read as runc reads it) and files.
                 "seccomp-default",
-                &image,
                 "grep -E '^Seccomp:' /proc/self/status; mkdir /tmp/d && ls -d /tmp/d",
                 cri::LinuxContainerSecurityContext {
                     seccomp: profile(0, ""),
                     ..Default::default()
                 },
+                &["Seccomp: 2", "/tmp/d"],
             ),
-        )
-        .await;
-        assert!(has(&lines, "Seccomp: 2"), "{lines:?}");
-        assert!(has(&lines, "/tmp/d"), "{lines:?}");
-        lap("RuntimeDefault seccomp profile");
+        ];
+        for (name, script, sc, want) in cases {
+            let cfg = with_context(name, &image, script, sc);
+            let lines = output_of(&mut c, huskd, &pod, &sandbox, &log_dir, cfg).await;
+            for w in want {
+                assert!(has(&lines, w), "{name}: want {w:?} in {lines:?}");
+            }
+            lap(name);
+        }
 
         f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
         lap("pod removed");
