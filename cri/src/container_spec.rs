@@ -81,6 +81,14 @@ pub struct ContainerConfig {
     pub readonly_rootfs: bool,
     pub run_as_user: Option<i64>,
     pub run_as_group: Option<i64>,
+    /// The container keeps a stdin open for attached clients (`stdin_once`: until the first
+    /// one detaches); `tty`: it runs on a terminal. Absent from records of older huskds.
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// A host path bind-mounted into the container.

@@ -16,7 +16,9 @@ pub(crate) fn container_status_code(e: ContainerError) -> Status {
         | ContainerError::NotFound(_)
         | ContainerError::ImageNotFound(_) => Code::NotFound,
         ContainerError::InvalidConfig(_) | ContainerError::Spec(_) => Code::InvalidArgument,
-        ContainerError::PodNotReady(_) | ContainerError::State { .. } => Code::FailedPrecondition,
+        ContainerError::PodNotReady(_)
+        | ContainerError::State { .. }
+        | ContainerError::StdinClosed { .. } => Code::FailedPrecondition,
         ContainerError::NameInUse { .. } => Code::AlreadyExists,
         ContainerError::ExecTimeout(_) | ContainerError::StopTimeout { .. } => {
             Code::DeadlineExceeded
@@ -56,6 +58,9 @@ pub(crate) fn container_config(c: cri::ContainerConfig) -> Result<ContainerConfi
         readonly_rootfs: sc.readonly_rootfs,
         run_as_user: sc.run_as_user.map(|v| v.value),
         run_as_group: sc.run_as_group.map(|v| v.value),
+        stdin: c.stdin,
+        stdin_once: c.stdin_once,
+        tty: c.tty,
     })
 }
 
