@@ -3,12 +3,14 @@
 //! our shim, creates and starts containers in it, writes their CRI log, answers ExecSync,
 //! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
 //! a pod across a huskd restart, the calls on live containers (stats, update, log
-//! reopen), the pod's DNS/hostname/sysctls inside it, and four pods started at once.
+//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, and
+//! exec/attach through the streaming server.
 mod concurrent;
 mod fixture;
 mod live;
 mod pod_settings;
 mod restart;
+mod streaming;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
