@@ -4,6 +4,7 @@
 //! pull, unpack), `cni` and `netns` (pod networking). Each has its own error type; the
 //! server maps them to gRPC codes.
 
+pub mod client;
 pub mod cni;
 pub mod config;
 pub mod container_spec;
@@ -11,6 +12,7 @@ pub mod containers;
 pub mod fanout;
 pub mod image;
 pub mod logs;
+pub mod metrics;
 pub mod netns;
 pub mod pause;
 pub mod pod_files;

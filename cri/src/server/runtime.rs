@@ -25,7 +25,7 @@ const RUNTIME_NAME: &str = "husk";
 
 pub struct Runtime {
     config: Config,
-    pods: Pods,
+    pods: Arc<Pods>,
     containers: Arc<Containers>,
     streaming: Arc<StreamingServer>,
 }
@@ -33,7 +33,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(
         config: Config,
-        pods: Pods,
+        pods: Arc<Pods>,
         containers: Arc<Containers>,
         streaming: Arc<StreamingServer>,
     ) -> Runtime {
