@@ -323,7 +323,13 @@ impl Agent {
         make_req: impl FnOnce(Option<&Path>) -> HelperRequest,
     ) -> Result<(i32, PendingIo)> {
         if terminal {
-            let sock_path = self.cfg.tmp_dir().join(format!("{console_name}.sock"));
+            // Named by a sequence number, not by `console_name`: a CRI exec's 64-character
+            // container id and its exec id make a path longer than a Unix socket's 108
+            // bytes (SUN_LEN), and the tty exec failed.
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let sock_path = self.cfg.tmp_dir().join(format!("console-{n}.sock"));
+            tracing::debug!(process = console_name, path = %sock_path.display(), "console socket");
             let console = Arc::new(crate::tty::ConsoleSocket::bind(&sock_path)?);
             let req = make_req(Some(console.path()));
             // Accept while the helper runs: the container connects during creation.

@@ -45,6 +45,14 @@ pub struct ContainerConfig {
     /// The security context (records of an older huskd have none: its defaults).
     #[serde(default)]
     pub security: SecurityContext,
+    /// The container keeps a stdin open for attached clients (`stdin_once`: until the first
+    /// one detaches); `tty`: it runs on a terminal. Absent from records of older huskds.
+    #[serde(default)]
+    pub stdin: bool,
+    #[serde(default)]
+    pub stdin_once: bool,
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// A host path bind-mounted into the container.

@@ -23,6 +23,8 @@ use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::fanout::Fanout;
+
 /// The longest line written as one record (containerd's `max_container_log_line_size`).
 pub const MAX_LINE: usize = 16 * 1024;
 
@@ -194,7 +196,12 @@ pub fn reopen(file: &LogFile, path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn copy_stream(mut src: pipe::Receiver, stream: Stream, file: Option<LogFile>) {
+async fn copy_stream(
+    mut src: pipe::Receiver,
+    stream: Stream,
+    file: Option<LogFile>,
+    fanout: Arc<Fanout>,
+) {
     let mut split = LineSplitter::new(MAX_LINE);
     let mut buf = vec![0u8; 32 * 1024];
     let write = |records: Vec<Record>| {
@@ -215,7 +222,10 @@ async fn copy_stream(mut src: pipe::Receiver, stream: Stream, file: Option<LogFi
     loop {
         match src.read(&mut buf).await {
             Ok(0) => break,
-            Ok(n) => write(split.push(&buf[..n])),
+            Ok(n) => {
+                fanout.send(stream, &buf[..n]);
+                write(split.push(&buf[..n]));
+            }
             Err(e) => {
                 warn!(stream = stream.name(), error = %e, "read the container's output");
                 break;
@@ -223,21 +233,43 @@ async fn copy_stream(mut src: pipe::Receiver, stream: Stream, file: Option<LogFi
         }
     }
     write(split.finish().into_iter().collect());
+    fanout.close(stream);
 }
 
 /// Copies a container's output FIFOs into its CRI log file (or drains them when there is no
-/// log file) until both reach EOF.
+/// log file) and to the clients attached through `fanout`, until both reach EOF.
 pub fn spawn_writer(
     file: Option<LogFile>,
     stdout: pipe::Receiver,
     stderr: pipe::Receiver,
+    fanout: Arc<Fanout>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         tokio::join!(
-            copy_stream(stdout, Stream::Stdout, file.clone()),
-            copy_stream(stderr, Stream::Stderr, file)
+            copy_stream(stdout, Stream::Stdout, file.clone(), fanout.clone()),
+            copy_stream(stderr, Stream::Stderr, file, fanout)
         );
     })
+}
+
+/// Makes `<dir>/<prefix>-stdin`, a process's stdin FIFO; returns its path.
+pub fn make_stdin_fifo(dir: &Path, prefix: &str) -> std::io::Result<PathBuf> {
+    let p = stdin_path(dir, prefix);
+    nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(std::io::Error::from)?;
+    Ok(p)
+}
+
+pub fn stdin_path(dir: &Path, prefix: &str) -> PathBuf {
+    dir.join(format!("{prefix}-stdin"))
+}
+
+/// Opens a stdin FIFO's write end. Read-write, so the open neither blocks nor fails for
+/// want of a reader (the shim opens its read end only at Start); we never read from it.
+/// Closing it is the process's EOF: the shim's reader then has no writer left. Must run
+/// inside the tokio runtime.
+pub fn open_stdin_writer(path: &Path) -> std::io::Result<pipe::Sender> {
+    pipe::OpenOptions::new().read_write(true).open_sender(path)
 }
 
 /// Reads a FIFO to EOF, keeping at most `limit` bytes.
@@ -322,7 +354,7 @@ mod tests {
         let f = make_fifos(dir.path(), "c").unwrap();
         let log = dir.path().join("c.log");
         let file = Arc::new(Mutex::new(open_log(&log).unwrap()));
-        let task = spawn_writer(Some(file.clone()), f.stdout, f.stderr);
+        let task = spawn_writer(Some(file.clone()), f.stdout, f.stderr, Arc::default());
         let mut out = pipe::OpenOptions::new()
             .open_sender(&f.stdout_path)
             .unwrap();
@@ -361,7 +393,12 @@ mod tests {
         let f = make_fifos(dir.path(), "c").unwrap();
         let log = dir.path().join("logs/c.log");
         let file = Arc::new(Mutex::new(open_log(&log).unwrap()));
-        let task = spawn_writer(Some(file), f.stdout, f.stderr);
+        // An attached client sees the same bytes as the log, and EOF with it.
+        let fanout = Arc::new(Fanout::default());
+        let (otx, mut orx) = tokio::sync::mpsc::channel(crate::fanout::SUBSCRIBER_BACKLOG);
+        let (etx, mut erx) = tokio::sync::mpsc::channel(crate::fanout::SUBSCRIBER_BACKLOG);
+        fanout.subscribe(Some(otx), Some(etx));
+        let task = spawn_writer(Some(file), f.stdout, f.stderr, fanout.clone());
         let mut out = pipe::OpenOptions::new()
             .open_sender(&f.stdout_path)
             .unwrap();
@@ -378,6 +415,15 @@ mod tests {
             .await
             .expect("the writer ends at EOF")
             .unwrap();
+        let mut attached = Vec::new();
+        while let Some(b) = orx.recv().await {
+            attached.extend_from_slice(&b);
+        }
+        let mut want = b"hello\nwor".to_vec();
+        want.extend_from_slice(&vec![b'x'; MAX_LINE + 3]);
+        assert_eq!(attached, want, "the attached client's stdout");
+        assert_eq!(erx.recv().await.unwrap(), "oops\n");
+        assert_eq!(erx.recv().await, None);
         let text = std::fs::read_to_string(&log).unwrap();
         // (stream, tag, length, first bytes) per record, streams apart, each in order.
         let mut got: Vec<(String, String, usize, String)> = text

@@ -52,8 +52,19 @@ pub struct TaskCreate<'a> {
     pub bundle: &'a Path,
     pub config: Option<&'a Path>,
     pub rootfs: &'a [crate::container_spec::RootfsMount],
+    pub stdin: Option<&'a Path>,
     pub stdout: Option<&'a Path>,
     pub stderr: Option<&'a Path>,
+    /// The process has a terminal (its spec says so too): stdout carries all its output.
+    pub terminal: bool,
+}
+
+/// An exec's stdio FIFOs (None: the stream is not wanted) and whether it has a terminal.
+pub struct ExecStdio<'a> {
+    pub stdin: Option<&'a Path>,
+    pub stdout: Option<&'a Path>,
+    pub stderr: Option<&'a Path>,
+    pub terminal: bool,
 }
 
 /// How huskd runs the shim binary.
@@ -227,8 +238,10 @@ impl Shim {
             bundle,
             config,
             rootfs: &[],
+            stdin: None,
             stdout: None,
             stderr: None,
+            terminal: false,
         })
         .await
     }
@@ -250,8 +263,10 @@ impl Shim {
                     ..Default::default()
                 })
                 .collect(),
+            stdin: fifo(t.stdin).unwrap_or_default(),
             stdout: fifo(t.stdout).unwrap_or_default(),
             stderr: fifo(t.stderr).unwrap_or_default(),
+            terminal: t.terminal,
             ..Default::default()
         };
         let r = self
@@ -271,11 +286,31 @@ impl Shim {
         stdout: &Path,
         stderr: &Path,
     ) -> Result<(), ShimError> {
+        let stdio = ExecStdio {
+            stdin: None,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            terminal: false,
+        };
+        self.exec_stdio(id, exec_id, process, &stdio).await
+    }
+
+    /// Registers an exec process with any of the three FIFOs and, maybe, a terminal.
+    pub async fn exec_stdio(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &serde_json::Value,
+        stdio: &ExecStdio<'_>,
+    ) -> Result<(), ShimError> {
+        let fifo = |p: Option<&Path>| p.map(|p| p.to_string_lossy().into_owned());
         let req = api::ExecProcessRequest {
             id: id.into(),
             exec_id: exec_id.into(),
-            stdout: stdout.to_string_lossy().into_owned(),
-            stderr: stderr.to_string_lossy().into_owned(),
+            stdin: fifo(stdio.stdin).unwrap_or_default(),
+            stdout: fifo(stdio.stdout).unwrap_or_default(),
+            stderr: fifo(stdio.stderr).unwrap_or_default(),
+            terminal: stdio.terminal,
             spec: MessageField::some(Any {
                 type_url: PROCESS_TYPE.into(),
                 value: serde_json::to_vec(process).expect("serialize a process"),
@@ -287,6 +322,43 @@ impl Shim {
             .exec(ctx(), &req)
             .await
             .map_err(call_err("Exec"))?;
+        Ok(())
+    }
+
+    /// ResizePty: the terminal size of a process (`exec_id` empty: the container's own).
+    pub async fn resize_pty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), ShimError> {
+        let req = api::ResizePtyRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            width,
+            height,
+            ..Default::default()
+        };
+        self.client
+            .resize_pty(ctx(), &req)
+            .await
+            .map_err(call_err("ResizePty"))?;
+        Ok(())
+    }
+
+    /// CloseIO of stdin: the process reads EOF (containerd's `WithStdinCloser`).
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
+        let req = api::CloseIORequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            stdin: true,
+            ..Default::default()
+        };
+        self.client
+            .close_io(ctx(), &req)
+            .await
+            .map_err(call_err("CloseIO"))?;
         Ok(())
     }
 

@@ -272,7 +272,6 @@ async fn a_pod_whose_vm_cannot_start_fails_cleanly() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    // Not wired to the shim yet: explicit UNIMPLEMENTED, not a URL that leads nowhere.
     let e =
         c.rt.attach(cri::AttachRequest {
             container_id: "nope".into(),
@@ -281,7 +280,7 @@ async fn a_pod_whose_vm_cannot_start_fails_cleanly() {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let listed =
         c.rt.list_containers(cri::ListContainersRequest { filter: None })
             .await

@@ -324,6 +324,36 @@ async fn python_websocket_v5_exec_with_stdin_close() {
     assert_eq!(status(&v)["status"], "Success");
 }
 
+/// The client's `session` mode (used against real pods in the lab): input sent step by
+/// step, each answer awaited before the next, then stdin's end and the exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_spdy_interactive_session_answers_step_by_step() {
+    let s = server(ServerConfig::default()).await;
+    let url = s
+        .exec_url(exec_req(
+            "while read l; do echo got:$l; done; echo bye >&2; exit 4",
+            true,
+        ))
+        .unwrap();
+    let steps = serde_json::json!([
+        {"send": "one\n"}, {"expect": "got:one"},
+        {"send": "two\n"}, {"expect": "got:two"},
+        {"end": true}
+    ])
+    .to_string();
+    let v = node(&[
+        "session",
+        &url,
+        "v4.channel.k8s.io",
+        "stdin,stdout,stderr",
+        &steps,
+    ])
+    .await;
+    assert_eq!(v["stdout"], "got:one\ngot:two\n");
+    assert_eq!(v["stderr"], "bye\n");
+    assert_eq!(status(&v)["details"]["causes"][0]["message"], "4");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_websocket_v4_exec_exit_code() {
     let s = server(ServerConfig::default()).await;

@@ -28,7 +28,7 @@ pub struct ExecOutput {
 impl Containers {
     /// The running container `id` that `call` may run `cmd` in: NotFound, a state error or
     /// an empty command otherwise.
-    fn runnable(
+    pub(super) fn runnable(
         &self,
         id: &str,
         cmd: &[String],
@@ -113,85 +113,8 @@ impl Containers {
     }
 }
 
-impl Containers {
-    /// Exec for the streaming server: runs `cmd` in container `id` like `exec_sync`, but
-    /// hands stdout and stderr to the channels as they come, and waits as long as it runs.
-    /// No stdin and no tty: the shim's Exec is given output FIFOs only (see `streaming`).
-    pub async fn exec_streaming(
-        &self,
-        id: &str,
-        cmd: Vec<String>,
-        stdout: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-        stderr: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    ) -> Result<i32, ContainerError> {
-        let c = self.runnable(id, &cmd, "Exec")?;
-        let mut process = c.process.clone();
-        process["args"] = serde_json::json!(cmd);
-        process["terminal"] = false.into();
-        let exec_id = format!("exec-{}", &new_id()[..16]);
-        let fifos = logs::make_fifos(&c.bundle, &exec_id).map_err(io_err("make exec FIFOs"))?;
-        let paths = [fifos.stdout_path.clone(), fifos.stderr_path.clone()];
-        // Read from the FIFOs before the shim opens them (it blocks until a reader is
-        // there); output nobody asked for is read and dropped.
-        let out = tokio::spawn(forward(fifos.stdout, stdout));
-        let err = tokio::spawn(forward(fifos.stderr, stderr));
-        let ran = async {
-            let shim = Shim::connect(&c.shim_address).await?;
-            let r = run(&shim, id, &exec_id, &process, &paths, None).await;
-            if let Err(e) = shim.delete_exec(id, &exec_id).await {
-                warn!(container = %id, %exec_id, error = %e, "delete the exec");
-            }
-            r
-        }
-        .await;
-        if ran.is_ok() {
-            if tokio::time::timeout(DRAIN, async {
-                let _ = out.await;
-                let _ = err.await;
-            })
-            .await
-            .is_err()
-            {
-                warn!(container = %id, %exec_id, "exec output did not reach EOF");
-            }
-        } else {
-            out.abort();
-            err.abort();
-        }
-        for p in &paths {
-            let _ = std::fs::remove_file(p);
-        }
-        ran
-    }
-}
-
-/// Copies a FIFO to a channel until EOF (or, with no channel, drains it).
-async fn forward(
-    mut src: tokio::net::unix::pipe::Receiver,
-    mut tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        match src.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if let Some(t) = &tx {
-                    if t.send(bytes::Bytes::copy_from_slice(&buf[..n]))
-                        .await
-                        .is_err()
-                    {
-                        // Client gone: keep draining so the process never blocks on us.
-                        tx = None;
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Exec, Start and Wait (killing the exec at the deadline); the exit code.
-async fn run(
+pub(super) async fn run(
     shim: &Shim,
     id: &str,
     exec_id: &str,

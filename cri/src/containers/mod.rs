@@ -17,19 +17,24 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+mod attach;
 mod exec;
+mod exec_stream;
 mod filter;
 mod live;
 mod restore;
 mod security;
 mod stats;
 
+pub use attach::ContainerStdin;
 pub use exec::ExecOutput;
+pub use exec_stream::ProcessStreams;
 pub use filter::Filter;
 pub use live::Resources;
 pub use stats::ContainerStats;
 
 use crate::container_spec::{self, ContainerConfig, ImageConfig, PodView, SpecError};
+use crate::fanout::Fanout;
 use crate::image::pull::lookup_key;
 use crate::image::{ImageError, Store};
 use crate::logs::{self, LogFile};
@@ -80,6 +85,8 @@ pub enum ContainerError {
     StopTimeout { id: String, after: Duration },
     #[error("command timed out after {0:?} (killed in the guest)")]
     ExecTimeout(Duration),
+    #[error("container {id} has no stdin to attach to: {why}")]
+    StdinClosed { id: String, why: String },
 }
 
 pub(crate) fn io_err(
@@ -129,7 +136,21 @@ struct Slot {
     log_writer: Option<JoinHandle<()>>,
     /// The open log file (ReopenContainerLog swaps it).
     log_file: Option<LogFile>,
+    /// The container's output for attached clients (fed by the log writer).
+    output: Arc<Fanout>,
+    /// The write end of its stdin FIFO, for a container created with stdin.
+    stdin: Option<Arc<ContainerStdin>>,
     exited: watch::Sender<bool>,
+}
+
+/// What Create made for the container's stdio, handed out as soon as it exists (for the
+/// caller to undo on failure, or to keep).
+#[derive(Default)]
+struct MadeIo {
+    log_writer: Option<JoinHandle<()>>,
+    log_file: Option<LogFile>,
+    output: Arc<Fanout>,
+    stdin: Option<Arc<ContainerStdin>>,
 }
 
 type Table = Arc<Mutex<HashMap<String, Slot>>>;
@@ -282,7 +303,10 @@ impl Containers {
             )));
         }
         let resolved = security::resolve(&cfg, &img, &lowers, pod.spec.privileged)?;
-        let spec = container_spec::container_spec(&cfg, &img, &image_name, &view, &resolved)?;
+        let mut spec = container_spec::container_spec(&cfg, &img, &image_name, &view, &resolved)?;
+        if cfg.tty {
+            with_tty(&mut spec["process"]);
+        }
         if let Some(other) = self
             .list(&Filter {
                 pod_id: pod.id.clone(),
@@ -302,23 +326,23 @@ impl Containers {
         let id = new_id();
         let bundle = self.bundles.join(&id);
         let rw = self.rw_root.join(&id);
-        let (mut writer, mut log_file) = (None, None);
+        let mut io = MadeIo::default();
         let made = self
             .make(
                 &id,
                 &bundle,
                 &rw,
-                &spec,
+                (&spec, &cfg),
                 &lowers,
                 log_path.as_deref(),
-                (&mut writer, &mut log_file),
+                &mut io,
             )
             .await;
         let address = match made {
             Ok(a) => a,
             Err(e) => {
                 warn!(container = %id, error = %e, "CreateContainer failed; undoing it");
-                if let Some(w) = writer {
+                if let Some(w) = io.log_writer {
                     w.abort();
                 }
                 remove_dirs(&bundle, &rw);
@@ -353,8 +377,10 @@ impl Containers {
             id.clone(),
             Slot {
                 c,
-                log_writer: writer,
-                log_file,
+                log_writer: io.log_writer,
+                log_file: io.log_file,
+                output: io.output,
+                stdin: io.stdin,
                 exited,
             },
         );
@@ -362,17 +388,18 @@ impl Containers {
     }
 
     /// The on-disk and shim side of Create; returns the shim's address. `out` gets the log
-    /// writer as soon as it runs (for the caller to stop on failure) and the log file.
+    /// writer as soon as it runs (for the caller to stop on failure), the log file, and
+    /// the stdin FIFO's writer when the container has stdin.
     #[allow(clippy::too_many_arguments)]
     async fn make(
         &self,
         id: &str,
         bundle: &Path,
         rw: &Path,
-        spec: &serde_json::Value,
+        (spec, cfg): (&serde_json::Value, &ContainerConfig),
         lowers: &[PathBuf],
         log_path: Option<&Path>,
-        out: (&mut Option<JoinHandle<()>>, &mut Option<LogFile>),
+        out: &mut MadeIo,
     ) -> Result<String, ContainerError> {
         std::fs::create_dir_all(bundle.join("rootfs")).map_err(io_err("create the bundle"))?;
         let json = serde_json::to_vec_pretty(spec).expect("serialize a spec");
@@ -386,8 +413,21 @@ impl Containers {
             .transpose()?
             .map(|f| Arc::new(Mutex::new(f)));
         let fifos = logs::make_fifos(bundle, "init").map_err(io_err("make the stdio FIFOs"))?;
-        *out.0 = Some(logs::spawn_writer(log.clone(), fifos.stdout, fifos.stderr));
-        *out.1 = log;
+        out.log_writer = Some(logs::spawn_writer(
+            log.clone(),
+            fifos.stdout,
+            fifos.stderr,
+            out.output.clone(),
+        ));
+        out.log_file = log;
+        let stdin_path = if cfg.stdin {
+            let p = logs::make_stdin_fifo(bundle, "init").map_err(io_err("make the stdin FIFO"))?;
+            let w = logs::open_stdin_writer(&p).map_err(io_err("open the stdin FIFO"))?;
+            out.stdin = Some(Arc::new(ContainerStdin::new(w, cfg.stdin_once)));
+            Some(p)
+        } else {
+            None
+        };
         let rootfs = [container_spec::overlay_mount(lowers, &upper, &work)];
         let address = self.launcher.start(id, bundle).await?;
         let shim = Shim::connect(&address).await?;
@@ -396,8 +436,12 @@ impl Containers {
             bundle,
             config: self.launcher.config.as_deref(),
             rootfs: &rootfs,
+            stdin: stdin_path.as_deref(),
             stdout: Some(&fifos.stdout_path),
+            // Given with a tty too (containerd gives none): the agent ends a terminal's
+            // stderr at once, so the log writer sees EOF on it as for any container.
             stderr: Some(&fifos.stderr_path),
+            terminal: cfg.tty,
         })
         .await?;
         Ok(address)
@@ -573,6 +617,17 @@ impl Containers {
             self.remove(&c.id).await?;
         }
         Ok(())
+    }
+}
+
+/// A process on a terminal, as containerd's `oci.WithTTY` makes it: `terminal` and
+/// `TERM=xterm`.
+pub(crate) fn with_tty(process: &mut serde_json::Value) {
+    process["terminal"] = true.into();
+    if let Some(env) = process["env"].as_array_mut() {
+        env.push("TERM=xterm".into());
+    } else {
+        process["env"] = serde_json::json!(["TERM=xterm"]);
     }
 }
 

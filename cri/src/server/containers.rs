@@ -17,7 +17,9 @@ pub(crate) fn container_status_code(e: ContainerError) -> Status {
         | ContainerError::NotFound(_)
         | ContainerError::ImageNotFound(_) => Code::NotFound,
         ContainerError::InvalidConfig(_) | ContainerError::Spec(_) => Code::InvalidArgument,
-        ContainerError::PodNotReady(_) | ContainerError::State { .. } => Code::FailedPrecondition,
+        ContainerError::PodNotReady(_)
+        | ContainerError::State { .. }
+        | ContainerError::StdinClosed { .. } => Code::FailedPrecondition,
         ContainerError::NameInUse { .. } => Code::AlreadyExists,
         ContainerError::ExecTimeout(_) | ContainerError::StopTimeout { .. } => {
             Code::DeadlineExceeded
@@ -55,6 +57,9 @@ pub(crate) fn container_config(c: cri::ContainerConfig) -> Result<ContainerConfi
             })
             .collect(),
         security: security_context(sc)?,
+        stdin: c.stdin,
+        stdin_once: c.stdin_once,
+        tty: c.tty,
     })
 }
 

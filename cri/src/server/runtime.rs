@@ -439,6 +439,17 @@ impl RuntimeService for Runtime {
         )?))
     }
 
+    async fn attach(
+        &self,
+        request: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Ok(Response::new(super::streaming::attach(
+            &self.streaming,
+            &self.containers,
+            request.into_inner(),
+        )?))
+    }
+
     async fn update_container_resources(
         &self,
         request: Request<cri::UpdateContainerResourcesRequest>,
@@ -498,7 +509,6 @@ impl RuntimeService for Runtime {
     }
 
     not_yet! {
-        attach: AttachRequest => AttachResponse,
         port_forward: PortForwardRequest => PortForwardResponse,
         update_runtime_config: UpdateRuntimeConfigRequest => UpdateRuntimeConfigResponse,
         checkpoint_container: CheckpointContainerRequest => CheckpointContainerResponse,

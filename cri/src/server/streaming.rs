@@ -1,12 +1,11 @@
 //! Exec, Attach and PortForward: the CRI calls hand out URLs of huskd's streaming server
 //! (`crate::streaming`), whose backend here is the shim.
 //!
-//! Wired so far: exec with stdout and/or stderr (no stdin, no tty), through the shim's
-//! Exec task API with output FIFOs, as ExecSync does. Not yet: exec with stdin or a tty
-//! (the shim's Exec needs a stdin FIFO and terminal plumbing to the guest, and ResizePty),
-//! attach (the container's stdio FIFOs are owned by the log writer), port-forward (the
-//! connection must be made inside the guest's pod network namespace, through the agent).
-//! Those answer UNIMPLEMENTED at the CRI call, so no URL leads to a dead end.
+//! Exec (any of stdin/stdout/stderr, with or without a tty) runs through the shim's Exec
+//! task API with FIFOs (`containers/exec_stream.rs`); attach streams the container's own
+//! stdio (`containers/attach.rs`). Not yet: port-forward (the connection must be made
+//! inside the guest's pod network namespace, through the agent), which answers
+//! UNIMPLEMENTED at the CRI call, so no URL leads to a dead end.
 
 use std::sync::Arc;
 
@@ -14,7 +13,7 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use super::containers::container_status_code;
-use crate::containers::{ContainerError, ContainerState, Containers};
+use crate::containers::{ContainerError, ContainerState, Containers, ProcessStreams};
 use crate::streaming::backend::{
     AttachRequest, BackendError, ExecIo, ExecRequest, PortStream, StreamBackend,
 };
@@ -29,24 +28,20 @@ pub struct ShimBackend {
 impl StreamBackend for ShimBackend {
     fn exec(&self, req: ExecRequest, io: ExecIo) -> BoxFuture<'_, Result<i32, BackendError>> {
         Box::pin(async move {
-            if io.stdin.is_some() || req.tty {
-                // Refused at the CRI call already; a request that got here anyway fails.
-                return Err(BackendError::Failed(
-                    "exec with stdin or a tty is not supported yet".into(),
-                ));
-            }
             self.containers
-                .exec_streaming(&req.container_id, req.cmd, io.stdout, io.stderr)
+                .exec_stream(&req.container_id, req.cmd, req.tty, streams(io))
                 .await
-                .map_err(|e| match e {
-                    ContainerError::NotFound(id) => BackendError::NotFound(id),
-                    e => BackendError::Failed(e.to_string()),
-                })
+                .map_err(backend_err)
         })
     }
 
-    fn attach(&self, _req: AttachRequest, _io: ExecIo) -> BoxFuture<'_, Result<i32, BackendError>> {
-        Box::pin(async { Err(BackendError::Failed("attach is not supported yet".into())) })
+    fn attach(&self, req: AttachRequest, io: ExecIo) -> BoxFuture<'_, Result<i32, BackendError>> {
+        Box::pin(async move {
+            self.containers
+                .attach(&req.container_id, streams(io))
+                .await
+                .map_err(backend_err)
+        })
     }
 
     fn port_forward(
@@ -62,6 +57,34 @@ impl StreamBackend for ShimBackend {
     }
 }
 
+fn backend_err(e: ContainerError) -> BackendError {
+    match e {
+        ContainerError::NotFound(id) => BackendError::NotFound(id),
+        e => BackendError::Failed(e.to_string()),
+    }
+}
+
+/// The streaming layer's channels in the container layer's terms.
+fn streams(io: ExecIo) -> ProcessStreams {
+    let resize = io.resize.map(|mut rx| {
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(s) = rx.recv().await {
+                if tx.send((s.width, s.height)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        out
+    });
+    ProcessStreams {
+        stdin: io.stdin,
+        stdout: io.stdout,
+        stderr: io.stderr,
+        resize,
+    }
+}
+
 fn streaming_status(e: StreamingError) -> Status {
     match e {
         StreamingError::Invalid(m) => Status::invalid_argument(m),
@@ -70,7 +93,7 @@ fn streaming_status(e: StreamingError) -> Status {
     }
 }
 
-/// The CRI Exec call: a URL for a running container's non-interactive exec.
+/// The CRI Exec call: a URL for an exec in a running container.
 pub(crate) fn exec(
     server: &StreamingServer,
     containers: &Containers,
@@ -85,11 +108,6 @@ pub(crate) fn exec(
             req.container_id
         )));
     }
-    if req.stdin || req.tty {
-        return Err(Status::unimplemented(
-            "huskd: exec with stdin or a tty is not supported yet",
-        ));
-    }
     let url = server
         .exec_url(ExecRequest {
             container_id: req.container_id,
@@ -101,4 +119,46 @@ pub(crate) fn exec(
         })
         .map_err(streaming_status)?;
     Ok(cri::ExecResponse { url })
+}
+
+/// The CRI Attach call: a URL to attach to a running container's stdio. Asking for stdin
+/// of a container created without it, or whose stdin is closed, is refused here.
+pub(crate) fn attach(
+    server: &StreamingServer,
+    containers: &Containers,
+    req: cri::AttachRequest,
+) -> Result<cri::AttachResponse, Status> {
+    let c = containers
+        .get(&req.container_id)
+        .ok_or_else(|| container_status_code(ContainerError::NotFound(req.container_id.clone())))?;
+    if c.state != ContainerState::Running {
+        return Err(Status::failed_precondition(format!(
+            "container {} is not running",
+            req.container_id
+        )));
+    }
+    if req.stdin {
+        if !c.config.stdin {
+            return Err(Status::invalid_argument(format!(
+                "container {} was not created with stdin",
+                req.container_id
+            )));
+        }
+        if let Some(why) = containers.stdin_closed(&req.container_id) {
+            return Err(container_status_code(ContainerError::StdinClosed {
+                id: req.container_id,
+                why,
+            }));
+        }
+    }
+    let url = server
+        .attach_url(AttachRequest {
+            container_id: req.container_id,
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        })
+        .map_err(streaming_status)?;
+    Ok(cri::AttachResponse { url })
 }

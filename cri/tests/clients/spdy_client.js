@@ -3,15 +3,35 @@
 //   node spdy_client.js exec URL PROTOCOL STDIN_TEXT|@N|-   -> {stdout, stderr, error, protocol}
 //   node spdy_client.js exec-tty URL PROTOCOL RESIZE_JSON   -> {stdout, error, protocol}
 //   node spdy_client.js portforward URL PORT PAYLOAD N      -> {echoes: [..N], errors: [..N]}
+//   node spdy_client.js session URL PROTOCOL FLAGS STEPS    -> {stdout, stderr, error, protocol}
+//     an interactive exec or attach: FLAGS is a comma list of stdin,stdout,stderr,tty (the
+//     streams opened, as kubectl opens them); STEPS a JSON list run in order:
+//     {"send": TEXT} to stdin, {"expect": TEXT} waits until stdout holds TEXT after the
+//     previous expect's match, {"resize": {"Width": W, "Height": H}}, {"sleep": MS},
+//     {"end": true} ends stdin, {"hangup": true} drops the connection at once (no FIN, no
+//     GOAWAY) and prints what came so far.
+// SPDY_CLIENT_TIMEOUT_MS overrides the 20 s limit on the whole run.
 'use strict';
 const net = require('net');
 const transport = require(process.env.SPDY_TRANSPORT || 'spdy-transport');
 
 function fail(msg) {
   process.stderr.write(`spdy_client: ${msg}\n`);
+  reported = true;
   process.exit(2);
 }
-setTimeout(() => fail('timed out after 20 s'), 20000).unref();
+const LIMIT = Number(process.env.SPDY_CLIENT_TIMEOUT_MS || 20000);
+let soFar = ''; // a session's stdout, for the timeout's message
+let reported = false;
+// Node exits on its own when nothing is left to wait for (the server closed the connection
+// while a step still waited): that is a failure, said so, never a silent success.
+process.on('exit', () => {
+  if (!reported) {
+    process.stderr.write(`spdy_client: the connection ended early; stdout so far: ${JSON.stringify(soFar)}\n`);
+    process.exitCode = 3;
+  }
+});
+setTimeout(() => fail(`timed out after ${LIMIT} ms; stdout so far: ${JSON.stringify(soFar)}`), LIMIT).unref();
 
 // The HTTP/1.1 upgrade, by hand: spdy-transport speaks SPDY on a socket, not the upgrade.
 function upgrade(url, protocols) {
@@ -96,7 +116,10 @@ async function exec(url, protocol, stdinText) {
       error: status.toString(),
     }),
     // exit only once the pipe took it all (a large stdout is written asynchronously)
-    () => process.exit(0)
+    () => {
+      reported = true;
+      process.exit(0);
+    }
   );
 }
 
@@ -113,7 +136,10 @@ async function execTty(url, protocol, resize) {
   const [out, status] = await Promise.all([stdoutP, errorP]);
   process.stdout.write(
     JSON.stringify({ protocol: chosen, stdout: out.toString(), error: status.toString() }),
-    () => process.exit(0)
+    () => {
+      reported = true;
+      process.exit(0);
+    }
   );
 }
 
@@ -139,8 +165,77 @@ async function portforward(url, port, payload, n) {
   const res = await Promise.all(runs);
   process.stdout.write(
     JSON.stringify({ echoes: res.map((r) => r.echo), errors: res.map((r) => r.error) }),
-    () => process.exit(0)
+    () => {
+      reported = true;
+      process.exit(0);
+    }
   );
+}
+
+async function session(url, protocol, flags, steps) {
+  const want = new Set(flags.split(',').filter((f) => f));
+  const { sock, protocol: chosen } = await upgrade(url, [protocol]);
+  const conn = connect(sock);
+  const error = await open(conn, { streamtype: 'error' });
+  const errorP = collect(error);
+  const stdin = want.has('stdin') ? await open(conn, { streamtype: 'stdin' }) : null;
+  let out = Buffer.alloc(0);
+  let err = Buffer.alloc(0);
+  const waiters = [];
+  const wake = () => waiters.splice(0).forEach((w) => w());
+  let outP = Promise.resolve();
+  if (want.has('stdout')) {
+    const stdout = await open(conn, { streamtype: 'stdout' });
+    stdout.on('data', (d) => {
+      out = Buffer.concat([out, d]);
+      soFar = out.toString();
+      wake();
+    });
+    outP = new Promise((r) => {
+      stdout.on('end', r);
+      stdout.on('close', r);
+    });
+  }
+  if (want.has('stderr') && !want.has('tty')) {
+    const stderr = await open(conn, { streamtype: 'stderr' });
+    stderr.on('data', (d) => (err = Buffer.concat([err, d])));
+  }
+  const resize = want.has('tty') ? await open(conn, { streamtype: 'resize' }) : null;
+  const report = (status) =>
+    process.stdout.write(
+      JSON.stringify({
+        protocol: chosen,
+        stdout: out.toString(),
+        stderr: err.toString(),
+        error: status,
+      }),
+      () => {
+      reported = true;
+      process.exit(0);
+    }
+    );
+  let from = 0;
+  for (const step of JSON.parse(steps)) {
+    if (step.send !== undefined) stdin.write(step.send);
+    else if (step.resize !== undefined) resize.write(JSON.stringify(step.resize) + '\n');
+    else if (step.sleep !== undefined) await new Promise((r) => setTimeout(r, step.sleep));
+    else if (step.end) stdin.end();
+    else if (step.expect !== undefined) {
+      for (;;) {
+        const at = out.indexOf(step.expect, from);
+        if (at >= 0) {
+          from = at + step.expect.length;
+          break;
+        }
+        await new Promise((r) => waiters.push(r));
+      }
+    } else if (step.hangup) {
+      sock.destroy();
+      return report(null);
+    } else fail(`unknown step ${JSON.stringify(step)}`);
+  }
+  const [status] = await Promise.all([errorP, outP]);
+  report(status.toString());
 }
 
 const [mode, url, a, b, c] = process.argv.slice(2);
@@ -149,5 +244,7 @@ const run =
     ? exec(url, a, b)
     : mode === 'exec-tty'
       ? execTty(url, a, b)
-      : portforward(url, Number(a), b, Number(c || 1));
+      : mode === 'session'
+        ? session(url, a, b, c)
+        : portforward(url, Number(a), b, Number(c || 1));
 run.catch((e) => fail(e.stack || String(e)));

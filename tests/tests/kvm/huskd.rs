@@ -4,8 +4,8 @@
 //! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
 //! a pod across a huskd restart, the calls on live containers (stats, update, log
 //! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, a pod on
-//! the built-in image through `huskctl`, the systemd cgroup driver, and the containers'
-//! security context.
+//! the built-in image through `huskctl`, the systemd cgroup driver, the containers' security
+//! context, and exec/attach through the streaming server.
 mod builtin_image;
 mod cgroups;
 mod concurrent;
@@ -14,6 +14,7 @@ mod live;
 mod pod_settings;
 mod restart;
 mod security;
+mod streaming;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
