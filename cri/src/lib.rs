@@ -14,6 +14,7 @@ pub mod netns;
 pub mod pause;
 pub mod pod_files;
 pub mod pods;
+pub mod port_forward;
 pub mod records;
 pub mod server;
 pub mod shim_client;

@@ -104,14 +104,14 @@ pub async fn serve(
         publish_binary: "/bin/true".into(),
         config: config_path,
     };
-    let pods = Pods::new(&config, launcher.clone());
+    let pods = Arc::new(Pods::new(&config, launcher.clone()));
     let containers = Arc::new(Containers::new(
         store,
         &config.state_dir,
         &config.data_dir,
         launcher,
     ));
-    // The streaming server for Exec (and later Attach, PortForward).
+    // The streaming server for Exec and PortForward (and later Attach).
     let stream_server = crate::streaming::server::StreamingServer::start(
         crate::streaming::server::ServerConfig {
             addr: config.stream_address,
@@ -119,6 +119,7 @@ pub async fn serve(
         },
         Arc::new(streaming::ShimBackend {
             containers: containers.clone(),
+            pods: pods.clone(),
         }),
     )
     .await

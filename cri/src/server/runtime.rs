@@ -25,7 +25,7 @@ const RUNTIME_NAME: &str = "husk";
 
 pub struct Runtime {
     config: Config,
-    pods: Pods,
+    pods: Arc<Pods>,
     containers: Arc<Containers>,
     streaming: Arc<StreamingServer>,
 }
@@ -33,7 +33,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(
         config: Config,
-        pods: Pods,
+        pods: Arc<Pods>,
         containers: Arc<Containers>,
         streaming: Arc<StreamingServer>,
     ) -> Runtime {
@@ -428,6 +428,16 @@ impl RuntimeService for Runtime {
         )?))
     }
 
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Ok(Response::new(
+            super::streaming::port_forward(&self.streaming, &self.pods, request.into_inner())
+                .await?,
+        ))
+    }
+
     async fn update_container_resources(
         &self,
         request: Request<cri::UpdateContainerResourcesRequest>,
@@ -488,7 +498,6 @@ impl RuntimeService for Runtime {
 
     not_yet! {
         attach: AttachRequest => AttachResponse,
-        port_forward: PortForwardRequest => PortForwardResponse,
         update_runtime_config: UpdateRuntimeConfigRequest => UpdateRuntimeConfigResponse,
         checkpoint_container: CheckpointContainerRequest => CheckpointContainerResponse,
         list_metric_descriptors: ListMetricDescriptorsRequest => ListMetricDescriptorsResponse,

@@ -4,9 +4,9 @@
 //! Wired so far: exec with stdout and/or stderr (no stdin, no tty), through the shim's
 //! Exec task API with output FIFOs, as ExecSync does. Not yet: exec with stdin or a tty
 //! (the shim's Exec needs a stdin FIFO and terminal plumbing to the guest, and ResizePty),
-//! attach (the container's stdio FIFOs are owned by the log writer), port-forward (the
-//! connection must be made inside the guest's pod network namespace, through the agent).
-//! Those answer UNIMPLEMENTED at the CRI call, so no URL leads to a dead end.
+//! attach (the container's stdio FIFOs are owned by the log writer). Those answer
+//! UNIMPLEMENTED at the CRI call, so no URL leads to a dead end. Port-forward connects
+//! through the guest agent ([`crate::port_forward`]).
 
 use std::sync::Arc;
 
@@ -15,6 +15,8 @@ use tonic::Status;
 
 use super::containers::container_status_code;
 use crate::containers::{ContainerError, ContainerState, Containers};
+use crate::pods::Pods;
+use crate::port_forward::PortForwardError;
 use crate::streaming::backend::{
     AttachRequest, BackendError, ExecIo, ExecRequest, PortStream, StreamBackend,
 };
@@ -24,6 +26,7 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 
 pub struct ShimBackend {
     pub containers: Arc<Containers>,
+    pub pods: Arc<Pods>,
 }
 
 impl StreamBackend for ShimBackend {
@@ -51,13 +54,16 @@ impl StreamBackend for ShimBackend {
 
     fn port_forward(
         &self,
-        _pod: &str,
-        _port: u16,
+        pod: &str,
+        port: u16,
     ) -> BoxFuture<'_, Result<Box<dyn PortStream>, BackendError>> {
-        Box::pin(async {
-            Err(BackendError::Failed(
-                "port-forward is not supported yet".into(),
-            ))
+        let pod = pod.to_string();
+        Box::pin(async move {
+            match crate::port_forward::connect(&self.pods, &pod, port).await {
+                Ok(s) => Ok(Box::new(s) as Box<dyn PortStream>),
+                Err(PortForwardError::NotFound(id)) => Err(BackendError::NotFound(id)),
+                Err(e) => Err(BackendError::Failed(e.to_string())),
+            }
         })
     }
 }
@@ -101,4 +107,28 @@ pub(crate) fn exec(
         })
         .map_err(streaming_status)?;
     Ok(cri::ExecResponse { url })
+}
+
+/// The CRI PortForward call: a URL for a Ready pod's port-forward (the ports are named per
+/// connection by the client, on the streams).
+pub(crate) async fn port_forward(
+    server: &StreamingServer,
+    pods: &Pods,
+    req: cri::PortForwardRequest,
+) -> Result<cri::PortForwardResponse, Status> {
+    crate::port_forward::check_pod(pods, &req.pod_sandbox_id)
+        .await
+        .map_err(|e| match e {
+            PortForwardError::NotFound(_) => Status::not_found(e.to_string()),
+            e => Status::failed_precondition(e.to_string()),
+        })?;
+    if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+        return Err(Status::invalid_argument(format!(
+            "port {p} is not in 1..=65535"
+        )));
+    }
+    let url = server
+        .port_forward_url(&req.pod_sandbox_id)
+        .map_err(streaming_status)?;
+    Ok(cri::PortForwardResponse { url })
 }

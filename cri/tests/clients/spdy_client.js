@@ -3,6 +3,9 @@
 //   node spdy_client.js exec URL PROTOCOL STDIN_TEXT|@N|-   -> {stdout, stderr, error, protocol}
 //   node spdy_client.js exec-tty URL PROTOCOL RESIZE_JSON   -> {stdout, error, protocol}
 //   node spdy_client.js portforward URL PORT PAYLOAD N      -> {echoes: [..N], errors: [..N]}
+//   node spdy_client.js http URL PORT PATH_PREFIX N         -> {responses: [..N], errors: [..N]}
+//     (N forwarded connections at once, each `GET <PATH_PREFIX><i> HTTP/1.0`)
+// SPDY_CLIENT_TIMEOUT (seconds, default 20) bounds the whole run.
 'use strict';
 const net = require('net');
 const transport = require(process.env.SPDY_TRANSPORT || 'spdy-transport');
@@ -11,7 +14,8 @@ function fail(msg) {
   process.stderr.write(`spdy_client: ${msg}\n`);
   process.exit(2);
 }
-setTimeout(() => fail('timed out after 20 s'), 20000).unref();
+const timeoutS = Number(process.env.SPDY_CLIENT_TIMEOUT || 20);
+setTimeout(() => fail(`timed out after ${timeoutS} s`), timeoutS * 1000).unref();
 
 // The HTTP/1.1 upgrade, by hand: spdy-transport speaks SPDY on a socket, not the upgrade.
 function upgrade(url, protocols) {
@@ -143,11 +147,41 @@ async function portforward(url, port, payload, n) {
   );
 }
 
+// n HTTP/1.0 requests at once through port-forward streams of one connection; each
+// request half-closes its data stream, and the response ends with the server's close.
+async function http(url, port, prefix, n) {
+  const { sock, protocol } = await upgrade(url, ['portforward.k8s.io']);
+  if (protocol !== 'portforward.k8s.io') fail(`negotiated ${protocol}`);
+  const conn = connect(sock);
+  const runs = [];
+  for (let i = 0; i < n; i++) {
+    runs.push(
+      (async () => {
+        const headers = { port: String(port), requestid: String(i) };
+        const error = await open(conn, { streamtype: 'error', ...headers });
+        const errorP = collect(error);
+        const data = await open(conn, { streamtype: 'data', ...headers });
+        const dataP = collect(data);
+        data.end(`GET ${prefix}${i} HTTP/1.0\r\nHost: pod\r\n\r\n`);
+        const [resp, err] = await Promise.all([dataP, errorP]);
+        return { resp: resp.toString(), error: err.toString() };
+      })()
+    );
+  }
+  const res = await Promise.all(runs);
+  process.stdout.write(
+    JSON.stringify({ responses: res.map((r) => r.resp), errors: res.map((r) => r.error) }),
+    () => process.exit(0)
+  );
+}
+
 const [mode, url, a, b, c] = process.argv.slice(2);
 const run =
   mode === 'exec'
     ? exec(url, a, b)
     : mode === 'exec-tty'
       ? execTty(url, a, b)
-      : portforward(url, Number(a), b, Number(c || 1));
+      : mode === 'http'
+        ? http(url, Number(a), b, Number(c || 1))
+        : portforward(url, Number(a), b, Number(c || 1));
 run.catch((e) => fail(e.stack || String(e)));
