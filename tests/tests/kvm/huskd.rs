@@ -3,10 +3,12 @@
 //! our shim, creates and starts containers in it, writes their CRI log, answers ExecSync,
 //! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
 //! a pod across a huskd restart, the calls on live containers (stats, update, log
-//! reopen), the pod's DNS/hostname/sysctls inside it, and four pods started at once.
+//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, and
+//! port-forward into the pod's VM.
 mod concurrent;
 mod live;
 mod pod_settings;
+mod port_forward;
 mod restart;
 
 use std::path::Path;
