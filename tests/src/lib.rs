@@ -34,6 +34,8 @@ pub fn bin_dir() -> PathBuf {
 
 pub mod containerd;
 pub mod huskd;
+#[cfg(feature = "kvm")]
+pub mod spdy_client;
 
 pub mod vmm_proc {
     //! Runs husk-vmm as a child process and collects what it printed.
