@@ -6,6 +6,7 @@
 //! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, and
 //! port-forward into the pod's VM.
 mod concurrent;
+mod fixture;
 mod live;
 mod pod_settings;
 mod port_forward;
@@ -15,10 +16,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::cri::{parse_log, wait_log_line};
-use husk_tests::containerd::images;
-use husk_tests::huskd::{CriClient, Huskd, Registry};
+use husk_tests::huskd::{CriClient, Huskd};
 use k8s_cri::v1 as cri;
 use tonic::Code;
+
+use fixture::Fixture;
 
 fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
@@ -238,34 +240,12 @@ async fn assert_nothing_left(c: &mut CriClient, huskd: &Huskd, netns_before: &[S
 /// left; bad input answers with the right code and leaves nothing.
 #[test]
 fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
-    husk_tests::require_kvm();
-    let t0 = Instant::now();
-    let lap = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
-    let registry = Registry::start();
-    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
-    lap("busybox pushed to the local registry");
-    let netns_before = husk_netns();
-    let vm_before = husk_tests::leaks::Snapshot::take();
-    let mut huskd = Huskd::start(&registry.host);
+    let f = Fixture::start();
+    let (huskd, image) = (&f.huskd, &f.image);
     let rt = husk_tests::pod::runtime();
     rt.block_on(async {
-        let mut c = huskd.connect();
-        let pulled = c
-            .img
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
-            .into_inner()
-            .image_ref;
-        lap("image pulled");
-
-        let log_dir = huskd.dir.join("pod-logs");
+        let (mut c, pulled) = f.client().await;
+        let log_dir = f.log_dir();
         let sandbox = pod_config("hpod", &log_dir);
         let pod =
             c.rt.run_pod_sandbox(cri::RunPodSandboxRequest {
@@ -276,7 +256,7 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
             .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\nhuskd log:\n{}", huskd.log()))
             .into_inner()
             .pod_sandbox_id;
-        lap("pod running");
+        f.lap("pod running");
         let ps =
             c.rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
                 pod_sandbox_id: pod.clone(),
@@ -343,14 +323,14 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
         .await
         .unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
-        let mut no_md = container_config("x", &image, &["true"]);
+        let mut no_md = container_config("x", image, &["true"]);
         no_md.metadata = None;
         let e = create(&mut c, &pod, no_md, &sandbox).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         let e = create(
             &mut c,
             "no-such-pod",
-            container_config("x", &image, &["true"]),
+            container_config("x", image, &["true"]),
             &sandbox,
         )
         .await
@@ -369,7 +349,7 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
             &pod,
             container_config(
                 "main",
-                &image,
+                image,
                 &[
                     "sh",
                     "-c",
@@ -388,13 +368,13 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
         })
         .await
         .unwrap_or_else(|e| panic!("StartContainer: {e}\nhuskd log:\n{}", huskd.log()));
-        lap("container started");
+        f.lap("container started");
         let log = log_dir.join("main/0.log");
         wait_log_line(&log, Duration::from_secs(60), |l| {
             l.stream == "stdout" && l.tag == "F" && l.text.starts_with('x')
         })
         .await;
-        lap("its output is in the CRI log");
+        f.lap("its output is in the CRI log");
         let lines = parse_log(&std::fs::read_to_string(&log).unwrap());
         let has = |stream: &str, text: &str| {
             lines
@@ -435,7 +415,7 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
         assert_eq!(String::from_utf8_lossy(&r.stdout), "out\n");
         assert_eq!(String::from_utf8_lossy(&r.stderr), "err\n");
         assert_eq!(r.exit_code, 3);
-        lap("ExecSync answered");
+        f.lap("ExecSync answered");
         // A timed-out ExecSync answers, and its process is gone from the guest.
         let t = Instant::now();
         let e =
@@ -468,13 +448,13 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
             "1",
             "only the container's sleep: {r:?}"
         );
-        lap("ExecSync timeout killed its process");
+        f.lap("ExecSync timeout killed its process");
 
         // A second container in the same VM; its exit code and reason.
         let fails = create(
             &mut c,
             &pod,
-            container_config("fails", &image, &["sh", "-c", "exit 7"]),
+            container_config("fails", image, &["sh", "-c", "exit 7"]),
             &sandbox,
         )
         .await
@@ -490,7 +470,7 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
             st.finished_at >= st.started_at && st.started_at > 0,
             "{st:?}"
         );
-        lap("second container exited 7");
+        f.lap("second container exited 7");
 
         // Filters.
         let mut both = vec![id.clone(), fails.clone()];
@@ -531,7 +511,7 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
         let st = status(&mut c, &id).await.unwrap();
         assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
         assert_eq!((st.exit_code, st.reason.as_str()), (137, "Error"), "{st:?}");
-        lap("container stopped");
+        f.lap("container stopped");
         for _ in 0..2 {
             c.rt.stop_container(cri::StopContainerRequest {
                 container_id: id.clone(),
@@ -552,13 +532,8 @@ fn a_pod_through_huskd_logs_execs_and_leaves_nothing() {
         assert!(log.is_file(), "the log stays for kubelet");
 
         // The pod goes with the other container still in it.
-        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
-        lap("pod stopped and removed");
+        f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
+        f.lap("pod stopped and removed");
     });
-    let log = huskd.log();
-    huskd.stop();
-    drop(registry);
-    vm_before.assert_nothing_leaked();
-    lap("nothing left");
-    eprintln!("--- huskd log ---\n{log}");
+    f.finish();
 }

@@ -1,15 +1,11 @@
 //! Four pods asked for at once (four RunPodSandbox calls in flight, each then a container):
 //! all run, each with its own IP, and four concurrent Stop/Remove leave nothing behind.
 use std::collections::BTreeSet;
-use std::time::Instant;
 
-use husk_tests::containerd::images;
-use husk_tests::huskd::{Huskd, Registry};
+use husk_tests::huskd::Huskd;
 use k8s_cri::v1 as cri;
 
-use super::{
-    assert_nothing_left, container_config, husk_netns, pod_config, pull, run_container, run_pod,
-};
+use super::{assert_nothing_left, container_config, pod_config, run_container, run_pod, Fixture};
 
 const PODS: usize = 4;
 
@@ -73,20 +69,14 @@ async fn remove(huskd: &Huskd, pod: &str) {
 
 #[test]
 fn four_pods_started_concurrently_run_and_leave_nothing() {
-    husk_tests::require_kvm();
-    let t0 = Instant::now();
-    let registry = Registry::start();
-    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
-    let netns_before = husk_netns();
-    let vm_before = husk_tests::leaks::Snapshot::take();
     // Four nested VMs under TCG share the lab's one vCPU: an agent call can take more than
     // its default 30 s there.
-    let mut huskd = Huskd::start_with(&registry.host, "\n[timeouts]\nagent_call_secs = 180\n");
+    let f = Fixture::start_with("\n[timeouts]\nagent_call_secs = 180\n");
+    let (huskd, image) = (&f.huskd, &f.image);
     let rt = husk_tests::pod::runtime();
     rt.block_on(async {
-        let mut c = huskd.connect();
-        pull(&mut c, &image).await;
-        let h = &huskd;
+        let (mut c, _) = f.client().await;
+        let h = huskd;
         let img = image.as_str();
         let (a, b, d, e) = tokio::join!(
             one_pod(h, img, 0),
@@ -95,10 +85,7 @@ fn four_pods_started_concurrently_run_and_leave_nothing() {
             one_pod(h, img, 3)
         );
         let pods = [a, b, d, e];
-        eprintln!(
-            "[{:>6.1} s] {PODS} pods running",
-            t0.elapsed().as_secs_f64()
-        );
+        f.lap(&format!("{PODS} pods running"));
         for (i, (_, _, _, hostname)) in pods.iter().enumerate() {
             assert_eq!(hostname, &format!("cpod{i}"), "each pod is its own VM");
         }
@@ -144,11 +131,7 @@ fn four_pods_started_concurrently_run_and_leave_nothing() {
             remove(h, &pods[2].0),
             remove(h, &pods[3].0)
         );
-        assert_nothing_left(&mut c, &huskd, &netns_before).await;
+        assert_nothing_left(&mut c, huskd, &f.netns_before).await;
     });
-    let log = huskd.log();
-    huskd.stop();
-    drop(registry);
-    vm_before.assert_nothing_leaked();
-    eprintln!("--- huskd log ---\n{log}");
+    f.finish();
 }

@@ -2,18 +2,14 @@
 //! ListPodSandboxStats (CPU and memory from the container's cgroup in the guest, filters),
 //! UpdateContainerResources (a memory limit reaches that cgroup: the stats then show it)
 //! and ReopenContainerLog (kubelet's rotation: rename, reopen, new output in a new file).
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_tests::containerd::cri::{parse_log, wait_log_line};
-use husk_tests::containerd::images;
-use husk_tests::huskd::{CriClient, Huskd, Registry};
+use husk_tests::huskd::CriClient;
 use k8s_cri::v1 as cri;
 use tonic::Code;
 
-use super::{
-    container_config, husk_netns, pod_config, pull, remove_pod_and_assert_nothing_left,
-    run_container, run_pod,
-};
+use super::{container_config, pod_config, run_container, run_pod, Fixture};
 
 async fn container_stats(
     c: &mut CriClient,
@@ -54,29 +50,22 @@ fn value(v: &Option<cri::UInt64Value>) -> u64 {
 
 #[test]
 fn stats_resources_and_log_reopen_on_a_live_container() {
-    husk_tests::require_kvm();
-    let t0 = Instant::now();
-    let lap = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
-    let registry = Registry::start();
-    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
-    let netns_before = husk_netns();
-    let vm_before = husk_tests::leaks::Snapshot::take();
-    let mut huskd = Huskd::start(&registry.host);
+    let f = Fixture::start();
+    let (huskd, image) = (&f.huskd, &f.image);
     let rt = husk_tests::pod::runtime();
     rt.block_on(async {
-        let mut c = huskd.connect();
-        pull(&mut c, &image).await;
-        let log_dir = huskd.dir.join("pod-logs");
+        let (mut c, _) = f.client().await;
+        let log_dir = f.log_dir();
         let sandbox = pod_config("lpod", &log_dir);
-        let pod = run_pod(&mut c, &huskd, &sandbox).await;
+        let pod = run_pod(&mut c, huskd, &sandbox).await;
         // A line every 0.1 s, numbered; some CPU and memory of its own.
         let id = run_container(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
             container_config(
                 "ticker",
-                &image,
+                image,
                 &[
                     "sh",
                     "-c",
@@ -91,7 +80,7 @@ fn stats_resources_and_log_reopen_on_a_live_container() {
             l.text.starts_with("tick")
         })
         .await;
-        lap("container running");
+        f.lap("container running");
 
         // ContainerStats: CPU and memory of the running container, with timestamps.
         let s = container_stats(&mut c, &id)
@@ -178,7 +167,7 @@ fn stats_resources_and_log_reopen_on_a_live_container() {
             ..Default::default()
         };
         assert!(list_pod_stats(&mut c, by_other).await.is_empty());
-        lap("stats");
+        f.lap("stats");
 
         // UpdateContainerResources: a 64 MiB memory limit lands in the guest cgroup (the
         // stats' available bytes are counted against it).
@@ -222,7 +211,7 @@ fn stats_resources_and_log_reopen_on_a_live_container() {
             let e = c.rt.update_container_resources(req).await.unwrap_err();
             assert_eq!(e.code(), code, "{e:?}");
         }
-        lap("resources updated");
+        f.lap("resources updated");
 
         // ReopenContainerLog: rotate the log the way kubelet does.
         let rotated = log_dir.join("ticker/0.log.20260101-000000");
@@ -260,13 +249,9 @@ fn stats_resources_and_log_reopen_on_a_live_container() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
-        lap("log reopened");
+        f.lap("log reopened");
 
-        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
+        f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
     });
-    let log = huskd.log();
-    huskd.stop();
-    drop(registry);
-    vm_before.assert_nothing_leaked();
-    eprintln!("--- huskd log ---\n{log}");
+    f.finish();
 }

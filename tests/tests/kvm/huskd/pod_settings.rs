@@ -1,16 +1,10 @@
 //! The pod's settings seen from inside its container: the DNS config as
 //! `/etc/resolv.conf`, the pod's hostname (UTS and `/etc/hostname`) and the pod's sysctls,
 //! applied in the container's namespaces in the guest.
-use std::time::Instant;
-
-use husk_tests::containerd::images;
-use husk_tests::huskd::{CriClient, Huskd, Registry};
+use husk_tests::huskd::{CriClient, Huskd};
 use k8s_cri::v1 as cri;
 
-use super::{
-    container_config, husk_netns, pod_config, pull, remove_pod_and_assert_nothing_left,
-    run_container, run_pod,
-};
+use super::{container_config, pod_config, run_container, run_pod, Fixture};
 
 async fn exec(c: &mut CriClient, huskd: &Huskd, id: &str, cmd: &str) -> String {
     let r =
@@ -33,18 +27,12 @@ async fn exec(c: &mut CriClient, huskd: &Huskd, id: &str, cmd: &str) -> String {
 
 #[test]
 fn dns_hostname_and_sysctls_reach_the_container() {
-    husk_tests::require_kvm();
-    let t0 = Instant::now();
-    let registry = Registry::start();
-    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
-    let netns_before = husk_netns();
-    let vm_before = husk_tests::leaks::Snapshot::take();
-    let mut huskd = Huskd::start(&registry.host);
+    let f = Fixture::start();
+    let (huskd, image) = (&f.huskd, &f.image);
     let rt = husk_tests::pod::runtime();
     rt.block_on(async {
-        let mut c = huskd.connect();
-        pull(&mut c, &image).await;
-        let mut sandbox = pod_config("spod", &huskd.dir.join("pod-logs"));
+        let (mut c, _) = f.client().await;
+        let mut sandbox = pod_config("spod", &f.log_dir());
         sandbox.hostname = "web-0.husk".into();
         sandbox.dns_config = Some(cri::DnsConfig {
             servers: vec!["10.96.0.10".into(), "192.0.2.53".into()],
@@ -59,42 +47,38 @@ fn dns_hostname_and_sysctls_reach_the_container() {
             .into(),
             ..Default::default()
         });
-        let pod = run_pod(&mut c, &huskd, &sandbox).await;
+        let pod = run_pod(&mut c, huskd, &sandbox).await;
         let id = run_container(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
-            container_config("main", &image, &["sleep", "600"]),
+            container_config("main", image, &["sleep", "600"]),
             &sandbox,
         )
         .await;
-        eprintln!("[{:>6.1} s] container running", t0.elapsed().as_secs_f64());
+        f.lap("container running");
 
         assert_eq!(
-            exec(&mut c, &huskd, &id, "cat /etc/resolv.conf").await,
+            exec(&mut c, huskd, &id, "cat /etc/resolv.conf").await,
             "search default.svc.cluster.local cluster.local\n\
              nameserver 10.96.0.10\nnameserver 192.0.2.53\noptions ndots:5\n"
         );
-        assert_eq!(exec(&mut c, &huskd, &id, "hostname").await, "web-0.husk\n");
+        assert_eq!(exec(&mut c, huskd, &id, "hostname").await, "web-0.husk\n");
         assert_eq!(
-            exec(&mut c, &huskd, &id, "cat /etc/hostname").await,
+            exec(&mut c, huskd, &id, "cat /etc/hostname").await,
             "web-0.husk\n"
         );
         assert_eq!(
             exec(
                 &mut c,
-                &huskd,
+                huskd,
                 &id,
                 "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ip_forward"
             )
             .await,
             "1\n1\n"
         );
-        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
+        f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
     });
-    let log = huskd.log();
-    huskd.stop();
-    drop(registry);
-    vm_before.assert_nothing_leaked();
-    eprintln!("--- huskd log ---\n{log}");
+    f.finish();
 }

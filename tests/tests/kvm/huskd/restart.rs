@@ -2,17 +2,12 @@
 //! state: the pod and the container are still there and still run (the shim and the VM
 //! never noticed), the container's output still reaches its CRI log, its exit is still
 //! seen, and Stop/Remove of the pod then clean up everything the first huskd made.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_tests::containerd::cri::wait_log_line;
-use husk_tests::containerd::images;
-use husk_tests::huskd::{Huskd, Registry};
 use k8s_cri::v1 as cri;
 
-use super::{
-    container_config, husk_netns, pod_config, pull, remove_pod_and_assert_nothing_left,
-    run_container, run_pod, status,
-};
+use super::{container_config, pod_config, run_container, run_pod, status, Fixture};
 
 async fn pod_status(c: &mut husk_tests::huskd::CriClient, pod: &str) -> cri::PodSandboxStatus {
     c.rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -28,40 +23,32 @@ async fn pod_status(c: &mut husk_tests::huskd::CriClient, pod: &str) -> cri::Pod
 
 #[test]
 fn a_running_pod_survives_a_huskd_restart() {
-    husk_tests::require_kvm();
-    let t0 = Instant::now();
-    let lap = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
-    let registry = Registry::start();
-    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
-    let netns_before = husk_netns();
-    let vm_before = husk_tests::leaks::Snapshot::take();
-    let mut huskd = Huskd::start(&registry.host);
+    let mut f = Fixture::start();
     let rt = husk_tests::pod::runtime();
     rt.block_on(async {
-        let mut c = huskd.connect();
-        pull(&mut c, &image).await;
-        let log_dir = huskd.dir.join("pod-logs");
+        let (mut c, _) = f.client().await;
+        let log_dir = f.log_dir();
         let sandbox = pod_config("rpod", &log_dir);
-        let pod = run_pod(&mut c, &huskd, &sandbox).await;
+        let pod = run_pod(&mut c, &f.huskd, &sandbox).await;
         let before = pod_status(&mut c, &pod).await;
         let ip = before.network.clone().unwrap().ip;
         assert!(!ip.is_empty());
         let id = run_container(
             &mut c,
-            &huskd,
+            &f.huskd,
             &pod,
-            container_config("main", &image, &["sh", "-c", "echo before; sleep 600"]),
+            container_config("main", &f.image, &["sh", "-c", "echo before; sleep 600"]),
             &sandbox,
         )
         .await;
         let log = log_dir.join("main/0.log");
         wait_log_line(&log, Duration::from_secs(60), |l| l.text == "before").await;
         let started = status(&mut c, &id).await.unwrap();
-        lap("pod and container running");
+        f.lap("pod and container running");
 
-        huskd.kill_and_restart();
-        lap("huskd killed and restarted");
-        let mut c = huskd.connect();
+        f.huskd.kill_and_restart();
+        f.lap("huskd killed and restarted");
+        let mut c = f.huskd.connect();
 
         // The pod: listed, Ready, same IP and creation time.
         let items =
@@ -74,7 +61,7 @@ fn a_running_pod_survives_a_huskd_restart() {
             items.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
             [pod.as_str()],
             "huskd log:\n{}",
-            huskd.log()
+            f.huskd.log()
         );
         let after = pod_status(&mut c, &pod).await;
         assert_eq!(after.state, cri::PodSandboxState::SandboxReady as i32);
@@ -116,11 +103,11 @@ fn a_running_pod_survives_a_huskd_restart() {
                 timeout: 30,
             })
             .await
-            .unwrap_or_else(|e| panic!("ExecSync: {e}\nhuskd log:\n{}", huskd.log()))
+            .unwrap_or_else(|e| panic!("ExecSync: {e}\nhuskd log:\n{}", f.huskd.log()))
             .into_inner();
         assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"ok\n"[..]));
         wait_log_line(&log, Duration::from_secs(30), |l| l.text == "after").await;
-        lap("exec and log work after the restart");
+        f.lap("exec and log work after the restart");
 
         // Its exit is seen: the new huskd waits on the shim again.
         c.rt.stop_container(cri::StopContainerRequest {
@@ -128,26 +115,22 @@ fn a_running_pod_survives_a_huskd_restart() {
             timeout: 0,
         })
         .await
-        .unwrap_or_else(|e| panic!("StopContainer: {e}\nhuskd log:\n{}", huskd.log()));
+        .unwrap_or_else(|e| panic!("StopContainer: {e}\nhuskd log:\n{}", f.huskd.log()));
         let st = status(&mut c, &id).await.unwrap();
         assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
         assert_eq!((st.exit_code, st.reason.as_str()), (137, "Error"), "{st:?}");
 
         // A second restart with the container exited: still recorded as exited.
-        huskd.kill_and_restart();
-        let mut c = huskd.connect();
+        f.huskd.kill_and_restart();
+        let mut c = f.huskd.connect();
         let st = status(&mut c, &id).await.unwrap();
         assert_eq!(
             (st.state, st.exit_code),
             (cri::ContainerState::ContainerExited as i32, 137)
         );
 
-        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
-        lap("pod removed by the restarted huskd; nothing left");
+        f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
+        f.lap("pod removed by the restarted huskd; nothing left");
     });
-    let log = huskd.log();
-    huskd.stop();
-    drop(registry);
-    vm_before.assert_nothing_leaked();
-    eprintln!("--- huskd log ---\n{log}");
+    f.finish();
 }
