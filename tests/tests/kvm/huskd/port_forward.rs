@@ -7,15 +7,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::images;
-use husk_tests::huskd::{CriClient, Huskd, Registry};
+use husk_tests::huskd::CriClient;
 use k8s_cri::v1 as cri;
 use tonic::Code;
 
-use super::{
-    container_config, husk_netns, pod_config, pull, remove_pod_and_assert_nothing_left,
-    run_container, run_pod,
-};
+use super::fixture::Fixture;
+use super::{container_config, pod_config, run_container, run_pod};
 
 /// Connections at once over one session.
 const PARALLEL: usize = 20;
@@ -126,21 +123,14 @@ async fn assert_fds_back(before: &[(u32, &str, (usize, usize))]) {
 
 #[test]
 fn port_forward_reaches_the_pods_loopback_in_parallel_and_leaks_nothing() {
-    husk_tests::require_kvm();
-    let t0 = Instant::now();
-    let lap = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
-    let registry = Registry::start();
-    let image = registry.push_oci_archive(&images::busybox_archive(), "1", "husk/busybox");
-    let netns_before = husk_netns();
-    let vm_before = husk_tests::leaks::Snapshot::take();
-    let mut huskd = Huskd::start(&registry.host);
+    let f = Fixture::start();
+    let (huskd, image) = (&f.huskd, &f.image);
     let rt = husk_tests::pod::runtime();
     rt.block_on(async {
-        let mut c = huskd.connect();
-        pull(&mut c, &image).await;
-        let sandbox = pod_config("pfpod", &huskd.dir.join("pod-logs"));
-        let pod = run_pod(&mut c, &huskd, &sandbox).await;
-        lap("pod running");
+        let (mut c, _) = f.client().await;
+        let sandbox = pod_config("pfpod", &f.log_dir());
+        let pod = run_pod(&mut c, huskd, &sandbox).await;
+        f.lap("pod running");
         // Bound to 127.0.0.1: only a connection made inside the pod reaches it.
         let script = format!(
             "mkdir -p /www && for i in $(seq 0 {}); do seq $((i*1000)) $((i*1000+20000)) \
@@ -149,9 +139,9 @@ fn port_forward_reaches_the_pods_loopback_in_parallel_and_leaks_nothing() {
         );
         let web = run_container(
             &mut c,
-            &huskd,
+            huskd,
             &pod,
-            container_config("web", &image, &["sh", "-c", &script]),
+            container_config("web", image, &["sh", "-c", &script]),
             &sandbox,
         )
         .await;
@@ -181,7 +171,7 @@ fn port_forward_reaches_the_pods_loopback_in_parallel_and_leaks_nothing() {
             assert!(Instant::now() < deadline, "httpd never answered: {r:?}");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        lap("httpd serves in the pod");
+        f.lap("httpd serves in the pod");
 
         // The CRI call: a URL for a known, ready pod only.
         let e = port_forward_url(&mut c, "no-such-pod").await.unwrap_err();
@@ -195,7 +185,7 @@ fn port_forward_reaches_the_pods_loopback_in_parallel_and_leaks_nothing() {
 
         let url = port_forward_url(&mut c, &pod).await.unwrap();
         let v = node(&["http", &url, &HTTP_PORT.to_string(), "/f", &PARALLEL.to_string()]).await;
-        lap("20 connections over one session answered");
+        f.lap("20 connections over one session answered");
         let responses = v["responses"].as_array().unwrap();
         assert_eq!(responses.len(), PARALLEL);
         for (i, r) in responses.iter().enumerate() {
@@ -225,17 +215,12 @@ fn port_forward_reaches_the_pods_loopback_in_parallel_and_leaks_nothing() {
         );
         assert_eq!(v["echoes"][0], "", "{v}");
         assert!(t.elapsed() < Duration::from_secs(120), "{:?}", t.elapsed());
-        lap("a closed port is reported on the error stream");
+        f.lap("a closed port is reported on the error stream");
 
         assert_fds_back(&before).await;
-        lap("no descriptors left in huskd or the VMM");
+        f.lap("no descriptors left in huskd or the VMM");
 
-        remove_pod_and_assert_nothing_left(&mut c, &huskd, &pod, &netns_before).await;
+        f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
     });
-    let log = huskd.log();
-    huskd.stop();
-    drop(registry);
-    vm_before.assert_nothing_leaked();
-    lap("nothing left");
-    eprintln!("--- huskd log ---\n{log}");
+    f.finish();
 }
