@@ -628,9 +628,9 @@ impl Agent {
     pub async fn pod_netns(&self) -> Result<Option<std::path::PathBuf>> {
         match self.cfg.mode {
             Mode::Guest => Ok(None),
-            Mode::Host => Ok(Some(self.sandbox_snapshot().await?.netns.ok_or_else(|| {
-                AgentError::FailedPrecondition("the sandbox has no network namespace".into())
-            })?)),
+            Mode::Host => Ok(Some(self.sandbox_snapshot().await?.netns.ok_or_else(
+                || AgentError::FailedPrecondition("the sandbox has no network namespace".into()),
+            )?)),
         }
     }
 

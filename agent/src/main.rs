@@ -115,7 +115,10 @@ fn main() -> anyhow::Result<()> {
             Some(addr) => {
                 let l = husk_agent::port_forward::Listener::bind(addr)?;
                 tracing::info!(%addr, "port-forward served");
-                Some(tokio::spawn(husk_agent::port_forward::serve(l, agent.clone())))
+                Some(tokio::spawn(husk_agent::port_forward::serve(
+                    l,
+                    agent.clone(),
+                )))
             }
             None => None,
         };

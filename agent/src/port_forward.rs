@@ -234,7 +234,10 @@ async fn connect(port: u16, netns: Option<PathBuf>) -> Result<TcpStream, PortFor
     Err(first)
 }
 
-async fn connect_one(addr: SocketAddr, netns: Option<&Path>) -> Result<TcpStream, PortForwardError> {
+async fn connect_one(
+    addr: SocketAddr,
+    netns: Option<&Path>,
+) -> Result<TcpStream, PortForwardError> {
     let port = addr.port();
     let Some(ns) = netns else {
         return match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
@@ -255,9 +258,8 @@ async fn connect_one(addr: SocketAddr, netns: Option<&Path>) -> Result<TcpStream
             let r = (|| {
                 let f = std::fs::File::open(&ns)
                     .map_err(|e| PortForwardError::Netns(format!("{}: {e}", ns.display())))?;
-                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    PortForwardError::Netns(format!("setns {}: {e}", ns.display()))
-                })?;
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| PortForwardError::Netns(format!("setns {}: {e}", ns.display())))?;
                 std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
                     if source.kind() == std::io::ErrorKind::TimedOut {
                         PortForwardError::ConnectTimeout {

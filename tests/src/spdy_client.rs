@@ -41,7 +41,9 @@ impl SpdyClient {
             "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
              X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
         );
-        io.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        io.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
