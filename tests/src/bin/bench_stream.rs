@@ -195,16 +195,30 @@ fn main() {
         (median(streaming), median(sync), median(secs))
     });
     let mbps = BYTES as f64 / (1024.0 * 1024.0) / download_s;
-    println!("\n| huskd streaming, one pod (median)                        | result        |");
-    println!("|----------------------------------------------------------|---------------|");
+    let rows = [
+        (
+            format!("exec `true` via the streaming URL (Exec → exit), {runs} runs"),
+            format!("{streaming:.1} ms"),
+        ),
+        (
+            format!("ExecSync `true`, {runs} runs"),
+            format!("{sync:.1} ms"),
+        ),
+        (
+            "port-forward, 64 MiB pod → client, one stream, 3 runs".to_string(),
+            format!("{mbps:.1} MB/s"),
+        ),
+        (
+            "  (time for 64 MiB)".to_string(),
+            format!("{download_s:.2} s"),
+        ),
+    ];
     println!(
-        "| exec `true` via the streaming URL (Exec → exit), {runs:>2} runs | {streaming:>8.1} ms   |"
+        "\n| {:<58} | {:>12} |",
+        "huskd streaming, one pod (median)", "result"
     );
-    println!(
-        "| ExecSync `true`, {runs:>2} runs                                | {sync:>8.1} ms   |"
-    );
-    println!("| port-forward, 64 MiB pod → client, one stream, 3 runs    | {mbps:>7.1} MB/s  |");
-    println!(
-        "|   (time for 64 MiB)                                      | {download_s:>8.2} s    |"
-    );
+    println!("|{}|{}|", "-".repeat(60), "-".repeat(14));
+    for (what, v) in rows {
+        println!("| {what:<58} | {v:>12} |");
+    }
 }
