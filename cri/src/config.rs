@@ -51,9 +51,17 @@ pub struct Config {
     /// Per-registry pull policy; a registry not listed follows `default_registry_policy`.
     pub registries: Vec<Registry>,
     pub default_registry_policy: RegistryPolicy,
+    /// Mirrors per registry, tried in order before it (containerd's `registry.mirrors`).
+    pub mirrors: Vec<Mirror>,
     /// Where the streaming server (Exec/Attach/PortForward URLs) listens; port 0 takes a
     /// free port. kubelet connects to it, so it must be reachable from kubelet's host.
     pub stream_address: std::net::SocketAddr,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens; none: off.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// The pod VM's initramfs (the file's top-level `initramfs` key, which the shim boots):
+    /// the built-in image is imported from it.
+    #[serde(skip)]
+    pub initramfs: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -86,6 +94,18 @@ pub struct Registry {
     pub policy: RegistryPolicy,
 }
 
+/// Where pulls of one registry's images are tried first.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// `host[:port]` as it appears in image references (`docker.io` for Docker Hub).
+    pub registry: String,
+    /// Mirror hosts, each serving the same repositories under the same names; each follows
+    /// its own entry in `registries` (plain HTTP only where that says so). They are asked
+    /// without the request's credentials, which are for the registry itself.
+    pub endpoints: Vec<String>,
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -98,7 +118,10 @@ impl Default for Config {
             cgroup_driver: CgroupDriver::Cgroupfs,
             registries: Vec::new(),
             default_registry_policy: RegistryPolicy::Allow,
+            mirrors: Vec::new(),
             stream_address: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_address: None,
+            initramfs: PathBuf::new(),
         }
     }
 }
@@ -117,6 +140,8 @@ impl Default for CniConfig {
 struct File {
     #[serde(default)]
     huskd: Config,
+    #[serde(default)]
+    initramfs: PathBuf,
 }
 
 impl Config {
@@ -126,7 +151,10 @@ impl Config {
             path: origin.to_path_buf(),
             message: e.to_string(),
         })?;
-        Ok(f.huskd)
+        Ok(Config {
+            initramfs: f.initramfs,
+            ..f.huskd
+        })
     }
 
     /// Reads `path`; a missing file at the default path means all defaults, a missing file
@@ -152,6 +180,24 @@ impl Config {
             .find(|r| r.host == host)
             .map(|r| r.policy)
             .unwrap_or(self.default_registry_policy)
+    }
+
+    /// The pod VM's initramfs as the shim resolves it: the configured file, else
+    /// `husk-initramfs.cpio` in `$HUSK_GUEST_DIR`, else in `../guest` from huskd's own
+    /// directory (a build tree's `target/guest`), else in `/usr/share/husk/guest`.
+    pub fn guest_initramfs(&self) -> PathBuf {
+        if !self.initramfs.as_os_str().is_empty() {
+            return self.initramfs.clone();
+        }
+        let dir = std::env::var_os("HUSK_GUEST_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                let exe = std::env::current_exe().ok()?;
+                Some(exe.parent()?.parent()?.join("guest"))
+            })
+            .unwrap_or_else(|| PathBuf::from("/usr/share/husk/guest"));
+        dir.join("husk-initramfs.cpio")
     }
 
     /// The image store's root.

@@ -4,12 +4,14 @@
 //! pull, unpack), `cni` and `netns` (pod networking). Each has its own error type; the
 //! server maps them to gRPC codes.
 
+pub mod client;
 pub mod cni;
 pub mod config;
 pub mod container_spec;
 pub mod containers;
 pub mod image;
 pub mod logs;
+pub mod metrics;
 pub mod netns;
 pub mod pause;
 pub mod pod_files;

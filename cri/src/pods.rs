@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::cni::{Attachment, Cni, CniError, Network, PortMapping};
 use crate::config::Config;
+use crate::metrics::{self, METRICS};
 use crate::netns::{Netns, NetnsError, NETNS_DIR};
 use crate::records::{RecordError, Records};
 use crate::shim_client::{Shim, ShimError, ShimLauncher};
@@ -157,6 +158,7 @@ impl Pods {
         if let Some(ns) = spec.host_namespaces.first() {
             return Err(PodError::HostNamespace(ns));
         }
+        let started = std::time::Instant::now();
         let net = Network::load(&self.cni_conf_dir)?;
         let id = new_id();
         let netns = Netns::create(
@@ -180,11 +182,13 @@ impl Pods {
         };
         match up {
             Ok(()) => {
+                METRICS.pod_start.observe(started.elapsed());
                 info!(pod = %id, name = %pod.spec.name, "pod sandbox running");
                 self.pods.lock().await.insert(id.clone(), pod);
                 Ok(id)
             }
             Err(e) => {
+                metrics::inc(&METRICS.pod_start_failures);
                 warn!(pod = %id, error = %e, "RunPodSandbox failed; undoing it");
                 self.tear_down(&pod).await;
                 Err(e)
@@ -194,7 +198,9 @@ impl Pods {
 
     async fn bring_up(&self, pod: &mut Pod, net: &Network) -> Result<(), PodError> {
         let att = self.attachment(pod);
-        let added = self.cni.add(net, &att).await?;
+        let added = self.cni.add(net, &att).await.inspect_err(|_| {
+            metrics::inc(&METRICS.cni_errors);
+        })?;
         pod.ip = added.ips.first().cloned();
         let bundle_err = |source| PodError::Bundle {
             path: pod.bundle.clone(),
@@ -207,10 +213,12 @@ impl Pods {
         let spec = serde_json::to_vec_pretty(&sandbox_spec(pod)).expect("serialize a spec");
         std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
         pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
+        let boot = std::time::Instant::now();
         let shim = Shim::connect(&pod.shim_address).await?;
         shim.create(&pod.id, &pod.bundle, self.launcher.config.as_deref())
             .await?;
         shim.start(&pod.id).await?;
+        METRICS.vm_boot.observe(boot.elapsed());
         Ok(())
     }
 
@@ -248,6 +256,7 @@ impl Pods {
             }
         }
         if let Err(e) = self.cni.del(&pod.id).await {
+            metrics::inc(&METRICS.cni_errors);
             warn!(pod = %pod.id, error = %e, "CNI DEL");
         }
         if let Err(e) = pod.netns.remove() {

@@ -4,6 +4,7 @@
 //! dialled over ttrpc, the Task API on it, and `delete` with `-bundle` to clean up a shim
 //! that is gone. huskd links only the protocol, never the sandbox layer.
 
+use crate::metrics;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -113,9 +114,12 @@ impl ShimLauncher {
 
     /// Runs `start` in `bundle` (which holds config.json); returns the address it printed.
     pub async fn start(&self, id: &str, bundle: &Path) -> Result<String, ShimError> {
-        let fail = |message: String| ShimError::Start {
-            binary: self.binary.clone(),
-            message,
+        let fail = |message: String| {
+            metrics::inc(&metrics::METRICS.shim_errors);
+            ShimError::Start {
+                binary: self.binary.clone(),
+                message,
+            }
         };
         let mut cmd = self.command(id, bundle);
         cmd.arg("start").stdin(Stdio::piped());
@@ -180,7 +184,14 @@ fn ctx() -> context::Context {
 }
 
 fn call_err(call: &'static str) -> impl FnOnce(containerd_shim_protos::ttrpc::Error) -> ShimError {
-    move |e| ShimError::Call {
+    move |e| {
+        metrics::inc(&metrics::METRICS.shim_errors);
+        call_error(call, e)
+    }
+}
+
+fn call_error(call: &'static str, e: containerd_shim_protos::ttrpc::Error) -> ShimError {
+    ShimError::Call {
         call,
         message: match e {
             containerd_shim_protos::ttrpc::Error::RpcStatus(s) => s.message().to_string(),
@@ -191,12 +202,13 @@ fn call_err(call: &'static str) -> impl FnOnce(containerd_shim_protos::ttrpc::Er
 
 impl Shim {
     pub async fn connect(address: &str) -> Result<Shim, ShimError> {
-        let client = Client::connect(address)
-            .await
-            .map_err(|e| ShimError::Connect {
+        let client = Client::connect(address).await.map_err(|e| {
+            metrics::inc(&metrics::METRICS.shim_errors);
+            ShimError::Connect {
                 address: address.into(),
                 message: e.to_string(),
-            })?;
+            }
+        })?;
         Ok(Shim {
             client: TaskClient::new(client),
         })

@@ -509,3 +509,96 @@ async fn concurrent_pulls_of_one_image_download_each_layer_once() {
     );
     assert_eq!(count(&huskd.data.join("images/layers/sha256")), 3);
 }
+
+/// kubelet's PullImage carries a deadline (`grpc-timeout`); a registry that never answers
+/// must not hold the call past it, and nothing of the pull stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_past_its_deadline_is_deadline_exceeded_and_keeps_nothing() {
+    // A "registry" that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = silent.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let huskd = Huskd::start(&format!(
+        "[[huskd.registries]]\nhost = \"{host}\"\npolicy = \"allow-insecure\"\n"
+    ));
+    let mut c = huskd.connect();
+    let mut req = tonic::Request::new(cri::PullImageRequest {
+        image: spec(&format!("{host}/husk/silent:1")),
+        ..Default::default()
+    });
+    // The header alone, as a Go client (kubelet) sends it: tonic's own client would also
+    // enforce the deadline itself and answer for the server.
+    req.metadata_mut()
+        .insert("grpc-timeout", "2000m".parse().unwrap());
+    let t = std::time::Instant::now();
+    let e = c.img.pull_image(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("silent"), "{e:?}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    let images = huskd.data.join("images");
+    for d in ["blobs/sha256", "layers/sha256", "images", "tmp"] {
+        assert_eq!(
+            count(&images.join(d)),
+            0,
+            "{d} not empty after the deadline"
+        );
+    }
+    // huskd still serves.
+    assert!(status(&mut c, &format!("{host}/husk/silent:1"))
+        .await
+        .is_none());
+}
+
+/// A registry's mirrors are tried in order before it, and the image keeps the registry's
+/// name: docker.io (unreachable here) is never asked once a mirror serves the image.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirror_serves_a_registrys_images_under_their_own_names() {
+    let reg = Registry::start();
+    let host = reg.host.clone();
+    let p = Pusher::new(&host).await;
+    let at_mirror = Reference::from_str(&format!("{host}/husk/mirrored:1")).unwrap();
+    let layer = tar_of(&[("etc/from-mirror", b"yes\n", false)]);
+    let config = config_json("", &[&layer]);
+    p.image(
+        &at_mirror,
+        &config,
+        &[(layer, "application/vnd.oci.image.layer.v1.tar")],
+        OCI_MANIFEST,
+    )
+    .await;
+    // The first mirror refuses connections; the second serves.
+    let huskd = Huskd::start(&format!(
+        "[[huskd.registries]]\nhost = \"{host}\"\npolicy = \"allow-insecure\"\n\
+         [[huskd.mirrors]]\nregistry = \"docker.io\"\nendpoints = [\"127.0.0.1:1\", \"{host}\"]\n"
+    ));
+    let mut c = huskd.connect();
+    let id = pull(&mut c, "docker.io/husk/mirrored:1")
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", huskd.log()));
+    assert_eq!(id, digest(&config));
+    let img = status(&mut c, "husk/mirrored:1")
+        .await
+        .expect("by its own name");
+    assert_eq!(img.repo_tags, ["docker.io/husk/mirrored:1"]);
+    assert!(
+        img.repo_digests[0].starts_with("docker.io/husk/mirrored@sha256:"),
+        "{img:?}"
+    );
+    assert!(
+        status(&mut c, &at_mirror.whole()).await.is_none(),
+        "not under the mirror's name"
+    );
+    // Another registry has no mirror: its pull goes to it (unreachable here) and fails.
+    let e = pull(&mut c, "quay.io/husk/mirrored:1").await.unwrap_err();
+    assert_ne!(e.code(), Code::Ok);
+    assert_eq!(count(&huskd.data.join("images/images")), 1);
+}

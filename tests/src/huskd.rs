@@ -4,15 +4,10 @@
 //! VMM and guest images, all in a temp dir; a CRI client on its socket. The same shape as
 //! `cri/tests/support` (which the host tests of huskd use).
 
+pub use husk_cri::client::CriClient;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -124,6 +119,8 @@ impl Drop for Registry {
 pub struct Huskd {
     pub dir: PathBuf,
     pub socket: PathBuf,
+    /// Its Prometheus endpoint (`GET /metrics`).
+    pub metrics: std::net::SocketAddr,
     pub bridge: String,
     log: PathBuf,
     config: PathBuf,
@@ -165,6 +162,9 @@ impl Huskd {
             ),
         )
         .expect("write the conflist");
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port for the metrics endpoint");
         let guest = crate::guest_dir();
         let config = p.join("husk.toml");
         std::fs::write(
@@ -172,7 +172,7 @@ impl Huskd {
             format!(
                 "vmm = \"{vmm}\"\nkernel = \"{kernel}\"\ninitramfs = \"{initramfs}\"\n\n\
                  [huskd]\nsocket = \"{d}/huskd.sock\"\nstate_dir = \"{d}/state\"\n\
-                 data_dir = \"{d}/data\"\n\
+                 data_dir = \"{d}/data\"\nmetrics_address = \"{metrics}\"\n\
                  registries = [{{ host = \"{registry}\", policy = \"allow-insecure\" }}]\n\n\
                  [huskd.cni]\nconf_dir = \"{d}/net.d\"\nbin_dirs = [\"/usr/lib/cni\"]\n{extra}",
                 vmm = crate::bin_dir().join("husk-vmm").display(),
@@ -184,6 +184,7 @@ impl Huskd {
         .expect("write husk.toml");
         let mut h = Huskd {
             socket: p.join("huskd.sock"),
+            metrics,
             log: p.join("huskd.log"),
             dir: p,
             bridge,
@@ -243,25 +244,29 @@ impl Huskd {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The metrics endpoint's exposition text.
+    pub fn scrape_metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics).expect("connect to /metrics");
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: huskd\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send GET /metrics");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read /metrics");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn connect(&self) -> CriClient {
-        let socket = self.socket.clone();
-        let channel =
-            Endpoint::from_static("http://[::]").connect_with_connector_lazy(tower::service_fn(
-                move |_: Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
-                    }
-                },
-            ));
-        CriClient {
-            rt: RuntimeServiceClient::new(channel.clone()),
-            img: ImageServiceClient::new(channel),
-        }
+        husk_cri::client::connect(&self.socket)
     }
 
     /// Stops huskd (SIGTERM) and deletes the test bridge CNI made.
@@ -280,9 +285,4 @@ impl Drop for Huskd {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-pub struct CriClient {
-    pub rt: RuntimeServiceClient<Channel>,
-    pub img: ImageServiceClient<Channel>,
 }

@@ -34,7 +34,6 @@ pub fn bin_dir() -> PathBuf {
 
 pub mod containerd;
 pub mod huskd;
-#[cfg(feature = "kvm")]
 pub mod spdy_client;
 
 pub mod vmm_proc {

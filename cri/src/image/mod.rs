@@ -1,7 +1,8 @@
 //! The image layer: a content-addressed store (`store`), pulling from OCI registries
-//! (`pull`) and unpacking layers (`unpack`). Its types are its own; the CRI server maps them
+//! (`pull`), unpacking layers (`unpack`) and the built-in image (`builtin`). Its types are its own; the CRI server maps them
 //! to and from the protocol.
 
+pub mod builtin;
 pub mod pull;
 pub mod store;
 pub mod unpack;

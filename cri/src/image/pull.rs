@@ -14,12 +14,12 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::store::{ImageRecord, Store};
 use super::unpack::{unpack_blob, Compression};
 use super::{sha256_digest, ImageError};
-use crate::config::{Registry, RegistryPolicy};
+use crate::config::{Mirror, Registry, RegistryPolicy};
 
 const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
@@ -138,6 +138,7 @@ pub struct Puller {
     client: Client,
     registries: Vec<Registry>,
     default_policy: RegistryPolicy,
+    mirrors: Vec<Mirror>,
     /// One lock per layer being fetched: a second pull needing the same layer waits for
     /// the first and then finds it in the store, so concurrent pulls download it once.
     fetching: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -171,7 +172,11 @@ fn registry_error(reference: &Reference, e: OciDistributionError) -> ImageError 
 }
 
 impl Puller {
-    pub fn new(registries: &[Registry], default_policy: RegistryPolicy) -> Puller {
+    pub fn new(
+        registries: &[Registry],
+        default_policy: RegistryPolicy,
+        mirrors: &[Mirror],
+    ) -> Puller {
         // Plain HTTP only for the registries the config marks so.
         let insecure: Vec<String> = registries
             .iter()
@@ -191,6 +196,7 @@ impl Puller {
             client,
             registries: registries.to_vec(),
             default_policy,
+            mirrors: mirrors.to_vec(),
             fetching: Default::default(),
         }
     }
@@ -227,6 +233,43 @@ impl Puller {
         Ok((bytes.to_vec(), actual))
     }
 
+    /// Where the pull comes from: the first of the registry's mirrors (in order) that serves
+    /// the top manifest, else the registry itself. That reference and its credentials, the
+    /// manifest and its digest.
+    async fn source(
+        &self,
+        reference: &Reference,
+        auth: &RegistryAuth,
+    ) -> Result<(Reference, RegistryAuth, Vec<u8>, String), ImageError> {
+        let endpoints = self
+            .mirrors
+            .iter()
+            .filter(|m| m.registry == reference.registry())
+            .flat_map(|m| &m.endpoints);
+        for host in endpoints {
+            if self.policy(host) == RegistryPolicy::Reject {
+                continue;
+            }
+            let mirrored = match reference.digest() {
+                Some(d) => {
+                    Reference::with_digest(host.clone(), reference.repository().into(), d.into())
+                }
+                None => Reference::with_tag(
+                    host.clone(),
+                    reference.repository().into(),
+                    reference.tag().unwrap_or("latest").into(),
+                ),
+            };
+            match self.manifest(&mirrored, &RegistryAuth::Anonymous).await {
+                Ok((m, d)) => return Ok((mirrored, RegistryAuth::Anonymous, m, d)),
+                Err(e) => warn!(mirror = %host, image = %reference.whole(), error = %e,
+                                "a mirror did not serve the image; trying the next"),
+            }
+        }
+        let (m, d) = self.manifest(reference, auth).await?;
+        Ok((reference.clone(), auth.clone(), m, d))
+    }
+
     /// Pulls `image` into `store` and records it.
     pub async fn pull(
         &self,
@@ -236,11 +279,20 @@ impl Puller {
     ) -> Result<ImageRecord, ImageError> {
         let reference = parse_reference(image)?;
         let registry = reference.registry().to_string();
+        if registry == super::builtin::BUILTIN_REGISTRY {
+            // Built-in images come from the guest image at start; kubelet's "Always" pull
+            // policy must still find them.
+            return store.find(&lookup_key(image)).ok_or_else(|| {
+                ImageError::NotFound(format!(
+                    "{image} ({registry} images are built in, never pulled; huskd has {})",
+                    super::builtin::BUILTIN_IMAGE
+                ))
+            });
+        }
         if self.policy(&registry) == RegistryPolicy::Reject {
             return Err(ImageError::RegistryRejected(registry));
         }
-        let auth = creds.auth();
-        let (top, top_digest) = self.manifest(&reference, &auth).await?;
+        let (source, auth, top, top_digest) = self.source(&reference, &creds.auth()).await?;
         let mut doc: ManifestDoc = parse_json(&top, "manifest")?;
         let mut blobs = vec![(top_digest.clone(), top)];
         if let Some(list) = &doc.manifests {
@@ -254,7 +306,7 @@ impl Puller {
                 .ok_or_else(|| ImageError::NoPlatform {
                     reference: reference.whole(),
                 })?;
-            let by_digest = reference.clone_with_digest(entry.digest.clone());
+            let by_digest = source.clone_with_digest(entry.digest.clone());
             let (m, d) = self.manifest(&by_digest, &auth).await?;
             doc = parse_json(&m, "manifest")?;
             blobs.push((d, m));
@@ -275,9 +327,9 @@ impl Puller {
             None => {
                 let mut b = Vec::new();
                 self.client
-                    .pull_blob(&reference, config_desc.digest.as_str(), &mut b)
+                    .pull_blob(&source, config_desc.digest.as_str(), &mut b)
                     .await
-                    .map_err(|e| registry_error(&reference, e))?;
+                    .map_err(|e| registry_error(&source, e))?;
                 b
             }
         };
@@ -309,7 +361,7 @@ impl Puller {
             let r = if store.has_layer(diff_id)? {
                 Ok(())
             } else {
-                self.fetch_layer(store, &reference, layer, diff_id).await
+                self.fetch_layer(store, &source, layer, diff_id).await
             };
             drop(guard);
             let mut table = self.fetching.lock().expect("fetch table lock");
@@ -343,7 +395,7 @@ impl Puller {
             uid,
             username,
         };
-        info!(image, id = %rec.id, "pulled");
+        info!(image, id = %rec.id, from = %source.registry(), "pulled");
         store.add_image(rec)
     }
 
@@ -369,6 +421,11 @@ impl Puller {
         let (digest, diff_id) = (layer.digest.clone(), diff_id.to_string());
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
+            if let Ok(m) = std::fs::metadata(&blob_path) {
+                crate::metrics::METRICS
+                    .pull_bytes
+                    .fetch_add(m.len(), std::sync::atomic::Ordering::Relaxed);
+            }
             let actual = file_digest(&blob_path)?;
             if actual != digest {
                 return Err(ImageError::Digest {

@@ -1,7 +1,7 @@
 //! The CRI ImageService on the image layer.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService;
@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::image_status;
 use crate::image::pull::lookup_key;
 use crate::image::{Credentials, ImageRecord, Puller, Store};
+use crate::metrics;
 
 pub struct Images {
     store: Arc<Store>,
@@ -46,6 +47,28 @@ fn to_cri(r: ImageRecord) -> cri::Image {
         username: r.username,
         pinned: false,
     }
+}
+
+/// How much before the client's deadline PullImage gives up.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+
+/// The request's `grpc-timeout` (gRPC over HTTP/2: at most 8 digits and a unit).
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn credentials(auth: Option<cri::AuthConfig>) -> Result<Credentials, Status> {
@@ -125,17 +148,32 @@ impl ImageService for Images {
         &self,
         request: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
+        let deadline = grpc_timeout(request.metadata());
         let req = request.into_inner();
         let image = req.image.map(|s| s.image).unwrap_or_default();
         if image.is_empty() {
             return Err(Status::invalid_argument("PullImage: no image named"));
         }
         let creds = credentials(req.auth)?;
-        let rec = self
-            .puller
-            .pull(&self.store, &image, &creds)
-            .await
+        let pull = self.puller.pull(&self.store, &image, &creds);
+        let pulled = match deadline {
+            // Answer a little before the deadline, so the client hears why rather than
+            // tonic's generic "Timeout expired". Dropping the pull drops its staging dirs.
+            Some(d) => tokio::time::timeout(d.saturating_sub(DEADLINE_MARGIN), pull)
+                .await
+                .map_err(|_| {
+                    metrics::inc(&metrics::METRICS.pull_failures);
+                    Status::deadline_exceeded(format!(
+                        "PullImage {image}: not done within the request's deadline ({:.1} s);                          nothing of it was kept",
+                        d.as_secs_f64()
+                    ))
+                })?,
+            None => pull.await,
+        };
+        let rec = pulled
+            .inspect_err(|_| metrics::inc(&metrics::METRICS.pull_failures))
             .map_err(image_status)?;
+        metrics::inc(&metrics::METRICS.pulls);
         Ok(Response::new(cri::PullImageResponse { image_ref: rec.id }))
     }
 
@@ -194,5 +232,22 @@ mod tests {
             ..Default::default()
         }))
         .is_err());
+    }
+
+    #[test]
+    fn grpc_timeout_units_and_bad_values() {
+        let t = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(t("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(t("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(t("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(t("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["S", "2", "123456789S", "2x", "-1S"] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

@@ -16,7 +16,7 @@ use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Code, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cni::CniError;
 use crate::config::Config;
@@ -36,6 +36,11 @@ pub enum ServeError {
     },
     #[error("streaming server: {0}")]
     Streaming(String),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -92,7 +97,17 @@ pub async fn serve(
         path: image_dir.clone(),
         source,
     })?;
-    let puller = Puller::new(&config.registries, config.default_registry_policy);
+    let initramfs = config.guest_initramfs();
+    if let Err(e) = crate::image::builtin::import(&store, &initramfs) {
+        // Pods can still run images pulled from registries; a node whose initramfs is
+        // missing cannot boot pods either, and says so then.
+        warn!(image = crate::image::builtin::BUILTIN_IMAGE, error = %e, "built-in image not imported");
+    }
+    let puller = Puller::new(
+        &config.registries,
+        config.default_registry_policy,
+        &config.mirrors,
+    );
     let store = Arc::new(store);
     let images = image::Images::new(store.clone(), puller);
     let launcher = ShimLauncher {
@@ -127,6 +142,11 @@ pub async fn serve(
     // What an earlier huskd left running (its shims outlive it) is taken back first.
     pods.restore().await;
     containers.restore().await;
+    if let Some(addr) = config.metrics_address {
+        crate::metrics::serve(addr, pods.clone(), containers.clone())
+            .await
+            .map_err(|source| ServeError::Metrics { addr, source })?;
+    }
     let runtime = runtime::Runtime::new(config.clone(), pods, containers, Arc::new(stream_server));
 
     let socket = config.socket.clone();

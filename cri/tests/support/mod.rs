@@ -5,15 +5,10 @@
 
 #![allow(dead_code)]
 
+pub use husk_cri::client::CriClient;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -150,7 +145,9 @@ impl Huskd {
     }
 
     /// Starts huskd with `top` as the file's top level (the shim's keys), `extra` in the
-    /// `[huskd]` section, after `prepare` has seen the directory.
+    /// `[huskd]` section, after `prepare` has seen the directory. Unless `top` names an
+    /// initramfs, the one named is absent: no built-in image, so the store holds exactly
+    /// what a test pulls.
     pub fn start_with(top: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Huskd {
         let dir = tempfile::Builder::new()
             .prefix("husk-huskd-")
@@ -160,6 +157,11 @@ impl Huskd {
         let config = p.join("husk.toml");
         std::fs::create_dir_all(p.join("net.d")).expect("conf dir");
         prepare(&p);
+        let top = if top.contains("initramfs") {
+            top.to_string()
+        } else {
+            format!("{top}\ninitramfs = \"{}/absent.cpio\"", p.display())
+        };
         std::fs::write(
             &config,
             format!(
@@ -239,20 +241,7 @@ impl Huskd {
     }
 
     pub fn connect(&self) -> CriClient {
-        let socket = self.socket.clone();
-        let channel =
-            Endpoint::from_static("http://[::]").connect_with_connector_lazy(tower::service_fn(
-                move |_: Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?))
-                    }
-                },
-            ));
-        CriClient {
-            rt: RuntimeServiceClient::new(channel.clone()),
-            img: ImageServiceClient::new(channel),
-        }
+        husk_cri::client::connect(&self.socket)
     }
 }
 
@@ -262,9 +251,4 @@ impl Drop for Huskd {
             stop(&mut c, "huskd");
         }
     }
-}
-
-pub struct CriClient {
-    pub rt: RuntimeServiceClient<Channel>,
-    pub img: ImageServiceClient<Channel>,
 }

@@ -3,8 +3,9 @@
 //! our shim, creates and starts containers in it, writes their CRI log, answers ExecSync,
 //! stops and removes everything, and leaves nothing behind. More of huskd in `huskd/`:
 //! a pod across a huskd restart, the calls on live containers (stats, update, log
-//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, and
-//! port-forward into the pod's VM.
+//! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, a pod
+//! on the built-in image through `huskctl`, and port-forward into the pod's VM.
+mod builtin_image;
 mod concurrent;
 mod fixture;
 mod live;
