@@ -632,6 +632,17 @@ impl Agent {
     // ---- network ---------------------------------------------------------------------
 
     /// The netlink connection: the guest's own namespace, or the host-mode sandbox's.
+    /// The pod's network namespace, for connections made into it: `None` in the guest
+    /// (the agent's own is the pod's); the sandbox's namespace file in host mode.
+    pub async fn pod_netns(&self) -> Result<Option<std::path::PathBuf>> {
+        match self.cfg.mode {
+            Mode::Guest => Ok(None),
+            Mode::Host => Ok(Some(self.sandbox_snapshot().await?.netns.ok_or_else(
+                || AgentError::FailedPrecondition("the sandbox has no network namespace".into()),
+            )?)),
+        }
+    }
+
     pub async fn net(&self) -> Result<Arc<Net>> {
         let mut g = self.net.lock().await;
         if let Some(n) = g.as_ref() {

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod init;
 pub mod net;
 pub mod oom;
+pub mod port_forward;
 pub mod process;
 pub mod reaper;
 pub mod runtime;

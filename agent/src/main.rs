@@ -13,6 +13,10 @@ struct Args {
     /// Where to serve: unix:///path or vsock://-1:<port>. Default: vsock://-1:1024 as PID 1.
     #[arg(long)]
     listen: Option<String>,
+    /// Where to serve port-forward streams: unix:///path or vsock://-1:<port>. Default:
+    /// vsock://-1:1025 as the guest agent with the default --listen; none otherwise.
+    #[arg(long)]
+    port_forward_listen: Option<String>,
     /// Run as the guest agent (PID 1 duties) or on a host. Default: guest when PID 1.
     #[arg(long, value_parser = ["guest", "host"])]
     mode: Option<String>,
@@ -68,6 +72,14 @@ fn main() -> anyhow::Result<()> {
         (None, Mode::Guest) => format!("vsock://-1:{}", husk_proto::AGENT_VSOCK_PORT),
         (None, Mode::Host) => anyhow::bail!("host mode needs --listen unix:///path"),
     };
+    let port_forward_listen = match (&args.port_forward_listen, &args.listen, mode) {
+        (Some(l), _, _) => Some(l.clone()),
+        (None, None, Mode::Guest) => Some(format!(
+            "vsock://-1:{}",
+            husk_proto::AGENT_PORT_FORWARD_VSOCK_PORT
+        )),
+        _ => None,
+    };
     let no_boot_marker = args.no_boot_marker;
     let force_no_pivot = args.no_pivot;
     let mut cfg = Config::new(mode);
@@ -98,6 +110,18 @@ fn main() -> anyhow::Result<()> {
     let result: anyhow::Result<()> = rt.block_on(async {
         let agent = Agent::new(cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let server = Server::start(agent.clone(), &listen).await?;
+        // Before the boot marker: a pod is ready only once port-forward is served too.
+        let port_forward = match &port_forward_listen {
+            Some(addr) => {
+                let l = husk_agent::port_forward::Listener::bind(addr)?;
+                tracing::info!(%addr, "port-forward served");
+                Some(tokio::spawn(husk_agent::port_forward::serve(
+                    l,
+                    agent.clone(),
+                )))
+            }
+            None => None,
+        };
         if mode == Mode::Guest {
             husk_agent::boot_timeline::mark_serving();
         }
@@ -121,6 +145,9 @@ fn main() -> anyhow::Result<()> {
         wait_for_shutdown(pid1).await;
         tracing::info!("shutting down");
         let _ = agent.destroy_sandbox(2000).await;
+        if let Some(t) = port_forward {
+            t.abort();
+        }
         server.shutdown().await;
         Ok(())
     });

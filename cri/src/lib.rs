@@ -18,6 +18,7 @@ pub mod netns;
 pub mod pause;
 pub mod pod_files;
 pub mod pods;
+pub mod port_forward;
 pub mod records;
 pub mod seccomp_default;
 pub mod security_context;

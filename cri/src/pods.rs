@@ -343,6 +343,11 @@ impl Pod {
         crate::pod_files::hostname_path(&self.bundle)
     }
 
+    /// The sandbox bundle's directory (the shim publishes the VM's vsock address there).
+    pub fn bundle(&self) -> &std::path::Path {
+        &self.bundle
+    }
+
     /// The pod's network namespace (the host side of the VM's network).
     pub fn netns_path(&self) -> &std::path::Path {
         self.netns.path()

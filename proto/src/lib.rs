@@ -44,6 +44,16 @@ pub const AGENT_API_VERSION: &str = "husk.agent.v1";
 /// The AF_VSOCK port the agent serves ttrpc on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The AF_VSOCK port of the agent's port-forward service inside the guest: one stream per
+/// forwarded connection, opened with `PORT <n>\n` and answered `OK\n` or `ERR <why>\n`
+/// before the bytes of the TCP connection to `localhost:<n>` in the pod flow both ways.
+pub const AGENT_PORT_FORWARD_VSOCK_PORT: u32 = 1025;
+
+/// The file the shim writes into the pod sandbox's bundle once the VM is up: the path of
+/// the VM's hybrid vsock socket (`CONNECT <port>\n`), so that huskd can open port-forward
+/// streams to the agent without a hop through the shim.
+pub const VSOCK_ADDRESS_FILE: &str = "husk-vsock-address";
+
 /// The share tag under which the guest agent offers the images embedded in its initramfs
 /// (`RootfsSource { share_tag: EMBEDDED_SHARE_TAG, path: "busybox" }`). Reserved: a
 /// virtio-fs share may not use it.

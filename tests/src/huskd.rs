@@ -246,6 +246,11 @@ impl Huskd {
         self.spawn();
     }
 
+    /// huskd's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The metrics endpoint's exposition text.
     pub fn scrape_metrics(&self) -> String {
         use std::io::{Read, Write};

@@ -34,6 +34,7 @@ pub fn bin_dir() -> PathBuf {
 
 pub mod containerd;
 pub mod huskd;
+pub mod spdy_client;
 
 pub mod vmm_proc {
     //! Runs husk-vmm as a child process and collects what it printed.

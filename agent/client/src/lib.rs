@@ -4,6 +4,7 @@
 //! the agent through [`Agent`].
 
 mod error;
+pub mod port_forward;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -186,6 +186,8 @@ impl TestAgent {
             .args(flags)
             .arg("--listen")
             .arg(format!("unix://{}", sock.display()))
+            .arg("--port-forward-listen")
+            .arg(format!("unix://{}", dir.path().join("pf.sock").display()))
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .arg("--share-root")
@@ -220,6 +222,11 @@ impl TestAgent {
             sandbox_id,
             api: husk_agent_client::Agent::from_client(client),
         }
+    }
+
+    /// The agent's port-forward service (in the guest: vsock port 1025).
+    pub fn port_forward_socket(&self) -> PathBuf {
+        self.dir.path().join("pf.sock")
     }
 
     pub fn share_dir(&self) -> PathBuf {

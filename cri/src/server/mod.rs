@@ -128,7 +128,7 @@ pub async fn serve(
         &config.data_dir,
         launcher,
     ));
-    // The streaming server for Exec (and later Attach, PortForward).
+    // The streaming server for Exec and PortForward (and later Attach).
     let stream_server = crate::streaming::server::StreamingServer::start(
         crate::streaming::server::ServerConfig {
             addr: config.stream_address,
@@ -136,6 +136,7 @@ pub async fn serve(
         },
         Arc::new(streaming::ShimBackend {
             containers: containers.clone(),
+            pods: pods.clone(),
         }),
     )
     .await

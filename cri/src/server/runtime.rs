@@ -450,6 +450,16 @@ impl RuntimeService for Runtime {
         )?))
     }
 
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Ok(Response::new(
+            super::streaming::port_forward(&self.streaming, &self.pods, request.into_inner())
+                .await?,
+        ))
+    }
+
     async fn update_container_resources(
         &self,
         request: Request<cri::UpdateContainerResourcesRequest>,
@@ -509,7 +519,6 @@ impl RuntimeService for Runtime {
     }
 
     not_yet! {
-        port_forward: PortForwardRequest => PortForwardResponse,
         update_runtime_config: UpdateRuntimeConfigRequest => UpdateRuntimeConfigResponse,
         checkpoint_container: CheckpointContainerRequest => CheckpointContainerResponse,
         list_metric_descriptors: ListMetricDescriptorsRequest => ListMetricDescriptorsResponse,

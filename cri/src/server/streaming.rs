@@ -3,9 +3,8 @@
 //!
 //! Exec (any of stdin/stdout/stderr, with or without a tty) runs through the shim's Exec
 //! task API with FIFOs (`containers/exec_stream.rs`); attach streams the container's own
-//! stdio (`containers/attach.rs`). Not yet: port-forward (the connection must be made
-//! inside the guest's pod network namespace, through the agent), which answers
-//! UNIMPLEMENTED at the CRI call, so no URL leads to a dead end.
+//! stdio (`containers/attach.rs`); port-forward connects inside the guest, through the
+//! agent ([`crate::port_forward`]).
 
 use std::sync::Arc;
 
@@ -14,6 +13,8 @@ use tonic::Status;
 
 use super::containers::container_status_code;
 use crate::containers::{ContainerError, ContainerState, Containers, ProcessStreams};
+use crate::pods::Pods;
+use crate::port_forward::PortForwardError;
 use crate::streaming::backend::{
     AttachRequest, BackendError, ExecIo, ExecRequest, PortStream, StreamBackend,
 };
@@ -23,6 +24,7 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 
 pub struct ShimBackend {
     pub containers: Arc<Containers>,
+    pub pods: Arc<Pods>,
 }
 
 impl StreamBackend for ShimBackend {
@@ -46,13 +48,16 @@ impl StreamBackend for ShimBackend {
 
     fn port_forward(
         &self,
-        _pod: &str,
-        _port: u16,
+        pod: &str,
+        port: u16,
     ) -> BoxFuture<'_, Result<Box<dyn PortStream>, BackendError>> {
-        Box::pin(async {
-            Err(BackendError::Failed(
-                "port-forward is not supported yet".into(),
-            ))
+        let pod = pod.to_string();
+        Box::pin(async move {
+            match crate::port_forward::connect(&self.pods, &pod, port).await {
+                Ok(s) => Ok(Box::new(s) as Box<dyn PortStream>),
+                Err(PortForwardError::NotFound(id)) => Err(BackendError::NotFound(id)),
+                Err(e) => Err(BackendError::Failed(e.to_string())),
+            }
         })
     }
 }
@@ -161,4 +166,28 @@ pub(crate) fn attach(
         })
         .map_err(streaming_status)?;
     Ok(cri::AttachResponse { url })
+}
+
+/// The CRI PortForward call: a URL for a Ready pod's port-forward (the ports are named per
+/// connection by the client, on the streams).
+pub(crate) async fn port_forward(
+    server: &StreamingServer,
+    pods: &Pods,
+    req: cri::PortForwardRequest,
+) -> Result<cri::PortForwardResponse, Status> {
+    crate::port_forward::check_pod(pods, &req.pod_sandbox_id)
+        .await
+        .map_err(|e| match e {
+            PortForwardError::NotFound(_) => Status::not_found(e.to_string()),
+            e => Status::failed_precondition(e.to_string()),
+        })?;
+    if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+        return Err(Status::invalid_argument(format!(
+            "port {p} is not in 1..=65535"
+        )));
+    }
+    let url = server
+        .port_forward_url(&req.pod_sandbox_id)
+        .map_err(streaming_status)?;
+    Ok(cri::PortForwardResponse { url })
 }

@@ -10,6 +10,8 @@
 //     previous expect's match, {"resize": {"Width": W, "Height": H}}, {"sleep": MS},
 //     {"end": true} ends stdin, {"hangup": true} drops the connection at once (no FIN, no
 //     GOAWAY) and prints what came so far.
+//   node spdy_client.js http URL PORT PATH_PREFIX N         -> {responses: [..N], errors: [..N]}
+//     (N forwarded connections at once, each `GET <PATH_PREFIX><i> HTTP/1.0`)
 // SPDY_CLIENT_TIMEOUT_MS overrides the 20 s limit on the whole run.
 'use strict';
 const net = require('net');
@@ -236,6 +238,35 @@ async function session(url, protocol, flags, steps) {
   }
   const [status] = await Promise.all([errorP, outP]);
   report(status.toString());
+// n HTTP/1.0 requests at once through port-forward streams of one connection; each
+// request half-closes its data stream, and the response ends with the server's close.
+async function http(url, port, prefix, n) {
+  const { sock, protocol } = await upgrade(url, ['portforward.k8s.io']);
+  if (protocol !== 'portforward.k8s.io') fail(`negotiated ${protocol}`);
+  const conn = connect(sock);
+  const runs = [];
+  for (let i = 0; i < n; i++) {
+    runs.push(
+      (async () => {
+        const headers = { port: String(port), requestid: String(i) };
+        const error = await open(conn, { streamtype: 'error', ...headers });
+        const errorP = collect(error);
+        const data = await open(conn, { streamtype: 'data', ...headers });
+        const dataP = collect(data);
+        data.end(`GET ${prefix}${i} HTTP/1.0\r\nHost: pod\r\n\r\n`);
+        const [resp, err] = await Promise.all([dataP, errorP]);
+        return { resp: resp.toString(), error: err.toString() };
+      })()
+    );
+  }
+  const res = await Promise.all(runs);
+  process.stdout.write(
+    JSON.stringify({ responses: res.map((r) => r.resp), errors: res.map((r) => r.error) }),
+    () => {
+      reported = true;
+      process.exit(0);
+    }
+  );
 }
 
 const [mode, url, a, b, c] = process.argv.slice(2);
@@ -246,5 +277,7 @@ const run =
       ? execTty(url, a, b)
       : mode === 'session'
         ? session(url, a, b, c)
+      : mode === 'http'
+        ? http(url, Number(a), b, Number(c || 1))
         : portforward(url, Number(a), b, Number(c || 1));
 run.catch((e) => fail(e.stack || String(e)));

@@ -182,6 +182,21 @@ fn share_container(
 
 /// Removes the pod's shared directory, unless something is still mounted under it: a
 /// recursive removal would then delete the mounted host files themselves.
+/// Tells huskd where the VM's hybrid vsock socket is (`<bundle>/husk-vsock-address`), for
+/// its port-forward streams to the agent: huskd connects there itself rather than through
+/// us, so forwarded bytes take no extra hop and we hold no per-connection state. Written
+/// once the pod's network is in place, atomically (a reader never sees half a path); it
+/// goes with the bundle. A failure costs only port-forward, so it is logged, not fatal.
+fn publish_vsock_address(bundle: &Path, uds: &Path) {
+    let file = bundle.join(husk_proto::VSOCK_ADDRESS_FILE);
+    let tmp = bundle.join(format!(".{}.tmp", husk_proto::VSOCK_ADDRESS_FILE));
+    let r = std::fs::write(&tmp, uds.as_os_str().as_encoded_bytes())
+        .and_then(|()| std::fs::rename(&tmp, &file));
+    if let Err(e) = r {
+        tracing::warn!(path = %file.display(), "publish the vsock address: {e}");
+    }
+}
+
 pub(super) fn remove_share(share: &Path) {
     let prefix = format!("{}/", share.display());
     let busy = std::fs::read_to_string("/proc/self/mounts")
@@ -367,6 +382,7 @@ impl PodRuntime for VmRuntime {
         if let Err(e) = state.save(&state_path) {
             tracing::warn!("{e}");
         }
+        publish_vsock_address(&req.bundle, sandbox.vm().vsock_uds());
         *slot = Some(Pod {
             sandbox,
             share,

@@ -5,13 +5,14 @@
 //! a pod across a huskd restart, the calls on live containers (stats, update, log
 //! reopen), the pod's DNS/hostname/sysctls inside it, four pods started at once, a pod on
 //! the built-in image through `huskctl`, the systemd cgroup driver, the containers' security
-//! context, and exec/attach through the streaming server.
+//! context, exec/attach through the streaming server, and port-forward into the pod's VM.
 mod builtin_image;
 mod cgroups;
 mod concurrent;
 mod fixture;
 mod live;
 mod pod_settings;
+mod port_forward;
 mod restart;
 mod security;
 mod streaming;
