@@ -238,6 +238,8 @@ async function session(url, protocol, flags, steps) {
   }
   const [status] = await Promise.all([errorP, outP]);
   report(status.toString());
+}
+
 // n HTTP/1.0 requests at once through port-forward streams of one connection; each
 // request half-closes its data stream, and the response ends with the server's close.
 async function http(url, port, prefix, n) {
