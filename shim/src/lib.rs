@@ -3,6 +3,7 @@
 //! containerd shim's task service comes next, on the same layer.
 
 pub mod containerd;
+pub mod node_check;
 pub mod paths;
 pub mod run;
 pub mod sandbox;

@@ -30,6 +30,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    raise_nofile_limit();
     let config = Config::load(args.config.as_deref()).context("huskd config")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -49,4 +50,23 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("huskd")?;
     Ok(())
+}
+
+/// Lifts the soft descriptor limit to the hard one, as containerd does: each pod holds FIFOs
+/// and shim connections, and the streaming server a socket per client.
+fn raise_nofile_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, initialized rlimit.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0
+        }
+    };
+    if !raised {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "raise RLIMIT_NOFILE");
+    }
 }

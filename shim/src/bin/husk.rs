@@ -1,5 +1,6 @@
 //! `husk`: the operator's CLI.
-//! - `husk check` says whether this host can run microVMs, and why not.
+//! - `husk check` says whether this host can run microVMs, and why not (`--node`: also
+//!   what a Kubernetes node needs).
 //! - `husk run` runs one command in a container in a fresh microVM.
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,11 +20,25 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Report whether this host can run husk microVMs, and why not.
-    Check,
+    Check(CheckArgs),
     /// Run a command in a container in a fresh microVM, stream its output, exit with its
     /// status. Default: the embedded busybox image and
     /// `sh -c 'echo hello from a husk microVM; uname -a'`.
     Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Also check what a Kubernetes node needs: overlay and br_netfilter loaded, the
+    /// bridge-nf-call-iptables and ip_forward sysctls at 1, a CNI config, huskd answering.
+    #[arg(long)]
+    node: bool,
+    /// Where the node's CNI configs are.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// huskd's CRI socket.
+    #[arg(long, default_value = "/run/husk/huskd.sock")]
+    huskd_socket: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -70,7 +85,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Check => {
+        Cmd::Check(args) => {
             let kvm = husk_vmm_api::check::check_host();
             match &kvm {
                 Ok(()) => println!("husk check: ok: /dev/kvm is usable with hardware virtualization; this host can run husk microVMs"),
@@ -82,7 +97,24 @@ fn main() -> ExitCode {
                 Ok(()) => println!("husk check: ok: VMMs can be jailed here (root; new mount, PID, IPC and UTS namespaces)"),
                 Err(e) => eprintln!("husk check: jail: {e}"),
             }
-            if kvm.is_ok() && jail.is_ok() {
+            let mut node_ok = true;
+            if args.node {
+                let paths = husk_shim::node_check::NodePaths {
+                    cni_conf_dir: args.cni_conf_dir,
+                    huskd_socket: args.huskd_socket,
+                    ..Default::default()
+                };
+                for f in husk_shim::node_check::check_node(&paths) {
+                    match f.problem {
+                        None => println!("husk check: ok: node: {}", f.what),
+                        Some(p) => {
+                            node_ok = false;
+                            eprintln!("husk check: node: {}: {p}", f.what);
+                        }
+                    }
+                }
+            }
+            if kvm.is_ok() && jail.is_ok() && node_ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -168,7 +168,18 @@ pub fn busybox_archive() -> PathBuf {
     let busybox = std::fs::read("/bin/busybox")
         .expect("/bin/busybox (Debian busybox-static, installed by scripts/setup)");
     let etc = crate::repo_root().join("guest-image/image-etc");
-    cached("busybox", &busybox, || {
+    let etc_files = ["passwd", "group", "hosts", "hostname", "resolv.conf"].map(|f| {
+        let data = std::fs::read(etc.join(f)).expect("guest-image/image-etc file");
+        (f, data)
+    });
+    // The cache key covers everything the archive is made of: an edited /etc file must
+    // give a new archive.
+    let mut key = busybox.clone();
+    for (f, data) in &etc_files {
+        key.extend_from_slice(f.as_bytes());
+        key.extend_from_slice(data);
+    }
+    cached("busybox", &key, || {
         let mut entries = Vec::new();
         for d in [
             "bin", "dev", "etc", "proc", "sys", "root", "run", "var", "home",
@@ -186,9 +197,8 @@ pub fn busybox_archive() -> PathBuf {
                 entries.push(Entry::Symlink(format!("bin/{applet}"), "busybox".into()));
             }
         }
-        for f in ["passwd", "group", "hosts", "hostname", "resolv.conf"] {
-            let data = std::fs::read(etc.join(f)).expect("guest-image/image-etc file");
-            entries.push(Entry::File(format!("etc/{f}"), data, 0o644));
+        for (f, data) in &etc_files {
+            entries.push(Entry::File(format!("etc/{f}"), data.clone(), 0o644));
         }
         oci_archive(BUSYBOX, &layer_tar(&entries), &[], &["sh"])
     })
