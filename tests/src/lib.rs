@@ -32,6 +32,7 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/debug"))
 }
 
+pub mod bench;
 pub mod containerd;
 pub mod huskd;
 pub mod spdy_client;

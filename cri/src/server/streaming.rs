@@ -98,21 +98,26 @@ fn streaming_status(e: StreamingError) -> Status {
     }
 }
 
+/// Container `id`, which must be running: NotFound or FailedPrecondition otherwise.
+fn running(containers: &Containers, id: &str) -> Result<crate::containers::Container, Status> {
+    let c = containers
+        .get(id)
+        .ok_or_else(|| container_status_code(ContainerError::NotFound(id.into())))?;
+    if c.state != ContainerState::Running {
+        return Err(Status::failed_precondition(format!(
+            "container {id} is not running"
+        )));
+    }
+    Ok(c)
+}
+
 /// The CRI Exec call: a URL for an exec in a running container.
 pub(crate) fn exec(
     server: &StreamingServer,
     containers: &Containers,
     req: cri::ExecRequest,
 ) -> Result<cri::ExecResponse, Status> {
-    let c = containers
-        .get(&req.container_id)
-        .ok_or_else(|| container_status_code(ContainerError::NotFound(req.container_id.clone())))?;
-    if c.state != ContainerState::Running {
-        return Err(Status::failed_precondition(format!(
-            "container {} is not running",
-            req.container_id
-        )));
-    }
+    running(containers, &req.container_id)?;
     let url = server
         .exec_url(ExecRequest {
             container_id: req.container_id,
@@ -133,15 +138,7 @@ pub(crate) fn attach(
     containers: &Containers,
     req: cri::AttachRequest,
 ) -> Result<cri::AttachResponse, Status> {
-    let c = containers
-        .get(&req.container_id)
-        .ok_or_else(|| container_status_code(ContainerError::NotFound(req.container_id.clone())))?;
-    if c.state != ContainerState::Running {
-        return Err(Status::failed_precondition(format!(
-            "container {} is not running",
-            req.container_id
-        )));
-    }
+    let c = running(containers, &req.container_id)?;
     if req.stdin {
         if !c.config.stdin {
             return Err(Status::invalid_argument(format!(

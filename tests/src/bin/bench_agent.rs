@@ -14,6 +14,7 @@
 //!   started as init and began serving); the rest is the host's side (launch, API, vsock).
 //!
 //! Each figure is the median of `--runs` (default 20); the table shows ratios to the peer.
+use husk_tests::bench::{median, ms};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,20 +22,6 @@ use std::time::{Duration, Instant};
 use husk_agent_client::{Agent, Rootfs};
 use husk_shim::spec::default_spec;
 use husk_tests::pod;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 async fn container_start(agent: &Agent, id: &str) -> Duration {
     let spec = default_spec(&["/bin/true".into()], &[], false);

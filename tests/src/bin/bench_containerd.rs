@@ -10,20 +10,11 @@
 //!   of pods. husk: shim + husk-vmm (with its helper) + virtiofsd; runc: shim + pause (the
 //!   busybox `sleep` of a runc pod runs on the host too and is not counted; husk's runs in
 //!   the guest, whose memory is in the VMM's PSS).
+use husk_tests::bench::median;
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::cri::wait_log_line;
 use husk_tests::containerd::{images, Containerd, Cri, HANDLER_HUSK, HANDLER_RUNC};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 /// Runs a busybox pod with `handler` up to its first log line; returns the pod id and the
 /// time it took.

@@ -11,6 +11,7 @@
 //!
 //! The client is husk's own minimal SPDY client (`husk_tests::spdy_client`, on huskd's
 //! frame codec): a node client's start-up would dominate a round trip.
+use husk_tests::bench::{median, ms};
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::images;
@@ -20,20 +21,6 @@ use k8s_cri::v1 as cri;
 
 const BYTES: u64 = 64 << 20;
 const PORT: u16 = 9000;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 async fn exec_streaming(c: &mut CriClient, id: &str) -> Duration {
     let t = Instant::now();
