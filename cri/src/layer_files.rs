@@ -236,8 +236,12 @@ mod tests {
         let (d, l) = layers(1);
         // Host-looking targets: absolute and climbing; both resolve inside the layer.
         std::fs::write(d.path().join("secret"), "host file").unwrap();
-        symlink("../../../secret", l[0].join("etc/passwd")).unwrap();
+        // From <d>/l0/etc, "../../secret" is <d>/secret on the host: found only by a
+        // lookup that escapes the layer.
+        symlink("../../secret", l[0].join("etc/passwd")).unwrap();
         assert_eq!(text(&l, "/etc/passwd"), None);
+        symlink("../..", l[0].join("etc2")).unwrap();
+        assert_eq!(text(&l, "/etc2/secret"), None);
         std::fs::create_dir_all(l[0].join("data")).unwrap();
         std::fs::write(l[0].join("data/passwd"), "image").unwrap();
         std::fs::remove_file(l[0].join("etc/passwd")).unwrap();

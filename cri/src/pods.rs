@@ -59,8 +59,8 @@ pub enum PodError {
     #[error("unknown runtime handler {handler:?}; huskd serves {known:?}")]
     UnknownHandler { handler: String, known: Vec<String> },
     #[error(
-        "cgroup parent {parent:?} is not in the form of huskd's cgroup driver ({driver:?}): \
-         kubelet's --cgroup-driver must match [huskd] cgroup_driver"
+        "cgroup parent {parent:?} is not a valid parent in the form of huskd's cgroup driver \
+         ({driver:?}; no '..' or ':'): kubelet's --cgroup-driver must match [huskd] cgroup_driver"
     )]
     CgroupParent {
         parent: String,
@@ -377,9 +377,16 @@ fn cgroups_path(driver: CgroupDriver, parent: &str, id: &str) -> Result<Option<S
     if parent.is_empty() {
         return Ok(None);
     }
-    let systemd_form = parent.ends_with(".slice") && !parent.contains('/');
+    let systemd_form = parent.ends_with(".slice") && !parent.contains(['/', ':']);
+    // What the shim would refuse after CNI ADD is refused here, before anything is made.
+    let cgroupfs_ok = !parent.contains(':')
+        && !std::path::Path::new(parent)
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
     match driver {
-        CgroupDriver::Cgroupfs if !systemd_form => Ok(Some(format!("{parent}/{id}"))),
+        CgroupDriver::Cgroupfs if !systemd_form && cgroupfs_ok => {
+            Ok(Some(format!("{parent}/{id}")))
+        }
         CgroupDriver::Systemd if systemd_form => Ok(Some(format!("{parent}:husk:{id}"))),
         _ => Err(PodError::CgroupParent {
             parent: parent.into(),
@@ -451,7 +458,10 @@ mod tests {
         );
         for (d, p) in [
             (Cgroupfs, "kubepods-burstable-pod1.slice"),
+            (Cgroupfs, "/kubepods/../etc"),
+            (Cgroupfs, "/kubepods:x"),
             (Systemd, "/kubepods/burstable/pod1"),
+            (Systemd, "a:b.slice"),
         ] {
             let e = path(d, p).unwrap_err().to_string();
             assert!(e.contains(p) && e.contains("--cgroup-driver"), "{e}");

@@ -151,7 +151,7 @@ async fn run(
         .context("RunPodSandbox")?
         .into_inner()
         .pod_sandbox_id;
-    lap(&format!("pod {} ready (a microVM)", &pod[..12]));
+    lap(&format!("pod {} ready (a microVM)", short(&pod)));
     let ran = run_container(c, &pod, sandbox, image, name, cmd, timeout_secs, &lap).await;
     let stopped =
         c.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -214,7 +214,7 @@ async fn run_container(
     })
     .await
     .context("StartContainer")?;
-    lap(&format!("container {} started", &id[..12]));
+    lap(&format!("container {} started", short(&id)));
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     loop {
         let st =
@@ -236,4 +236,9 @@ async fn run_container(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// An id as crictl shows it: its first 12 characters.
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }

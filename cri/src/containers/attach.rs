@@ -125,6 +125,12 @@ impl Containers {
                 want: "running",
             });
         }
+        // Before anything is spawned or subscribed: a failure here leaves nothing behind.
+        let shim = if io.resize.is_some() {
+            Some(Shim::connect(&c.shim_address).await?)
+        } else {
+            None
+        };
         let stdin = match (io.stdin, stdin) {
             (None, _) => None,
             (Some(_), None) => {
@@ -142,16 +148,13 @@ impl Containers {
         };
         let sub = output.subscribe(io.stdout, io.stderr);
         info!(container = %id, subscriber = sub, "attached");
-        let shim = if io.resize.is_some() {
-            Some(Shim::connect(&c.shim_address).await?)
-        } else {
-            None
-        };
-        let (mut stdin, mut resize) = (stdin, io.resize);
+        let (mut stdin, mut resize, mut gone) = (stdin, io.resize, io.gone);
         let ended = loop {
             tokio::select! {
                 // (The watch's guard is dropped in here: it must not live across an await.)
                 _ = async { exited.wait_for(|e| *e).await.is_ok() } => break None,
+                // The client went away: detach (the container and its stdin stay).
+                _ = crate::streaming::backend::client_gone(&mut gone) => break Some(0),
                 r = async { stdin.as_mut().expect("guarded").await }, if stdin.is_some() => {
                     stdin = None;
                     if !matches!(r, Ok(true)) {

@@ -30,12 +30,26 @@ pub const HANGUP_GRACE: Duration = Duration::from_secs(5);
 
 /// A process's streams as the client's channels (each present only if asked for).
 /// `resize` carries (width, height).
-#[derive(Default)]
 pub struct ProcessStreams {
     pub stdin: Option<mpsc::Receiver<Bytes>>,
     pub stdout: Option<mpsc::Sender<Bytes>>,
     pub stderr: Option<mpsc::Sender<Bytes>>,
     pub resize: Option<mpsc::Receiver<(u16, u16)>>,
+    /// True once the client's connection is gone (see `streaming::backend::ExecIo`).
+    pub gone: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Default for ProcessStreams {
+    /// No streams, and a client that never goes (its sender is already dropped).
+    fn default() -> ProcessStreams {
+        ProcessStreams {
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            resize: None,
+            gone: tokio::sync::watch::channel(false).1,
+        }
+    }
 }
 
 /// The next item of an optional channel; never ready when there is none.
@@ -117,7 +131,7 @@ impl Containers {
         let ran = match started {
             Ok(_) => {
                 let (stdin, resize) = (stdin.map(|(_, w, rx)| (w, rx)), io.resize);
-                session(&shim, id, &exec_id, tty, stdin, resize).await
+                session(&shim, id, &exec_id, tty, stdin, resize, io.gone).await
             }
             Err(e) => Err(e.into()),
         };
@@ -146,7 +160,9 @@ impl Containers {
 }
 
 /// The running exec: the client's input and resizes in, until the process exits; its
-/// exit code.
+/// exit code. The client's stdin ending closes the process's stdin (EOF); the client
+/// going away hangs the process up: SIGHUP then SIGKILL with a tty (a terminal's
+/// hang-up), SIGKILL without one (as containerd ends an exec whose request is gone).
 async fn session(
     shim: &Shim,
     id: &str,
@@ -154,6 +170,7 @@ async fn session(
     tty: bool,
     stdin: Option<(tokio::net::unix::pipe::Sender, mpsc::Receiver<Bytes>)>,
     mut resize: Option<mpsc::Receiver<(u16, u16)>>,
+    mut gone: tokio::sync::watch::Receiver<bool>,
 ) -> Result<i32, ContainerError> {
     let has_stdin = stdin.is_some();
     // Writes may block on a full pipe: in a task of their own, so the wait goes on.
@@ -173,9 +190,19 @@ async fn session(
         tokio::select! {
             code = &mut wait => break code?,
             _ = async { pump.as_mut().expect("guarded").await }, if pump.is_some() => {
-                // The writer is closed with the task: without a tty the process reads EOF.
+                // The writer is closed with the task: the process reads EOF.
                 pump = None;
-                hang_up = tty;
+            }
+            _ = crate::streaming::backend::client_gone(&mut gone), if !hung_up && kill_at.is_none() => {
+                if tty {
+                    hang_up = true;
+                } else {
+                    debug!(container = %id, %exec_id, "the exec's client is gone: SIGKILL");
+                    if let Err(e) = shim.signal(id, exec_id, libc::SIGKILL as u32, false).await {
+                        warn!(container = %id, %exec_id, error = %e, "SIGKILL an abandoned exec");
+                    }
+                    hung_up = true;
+                }
             }
             size = recv_opt(&mut resize) => match size {
                 Some((w, h)) => {

@@ -158,13 +158,15 @@ impl ImageService for Images {
         let pull = self.puller.pull(&self.store, &image, &creds);
         let pulled = match deadline {
             // Answer a little before the deadline, so the client hears why rather than
-            // tonic's generic "Timeout expired". Dropping the pull drops its staging dirs.
+            // tonic's generic "Timeout expired". Dropping the pull drops its staging dirs (an unpack already under way may still
+            // commit its layer, which a retry then finds).
             Some(d) => tokio::time::timeout(d.saturating_sub(DEADLINE_MARGIN), pull)
                 .await
                 .map_err(|_| {
                     metrics::inc(&metrics::METRICS.pull_failures);
                     Status::deadline_exceeded(format!(
-                        "PullImage {image}: not done within the request's deadline ({:.1} s);                          nothing of it was kept",
+                        "PullImage {image}: not done within the request's deadline ({:.1} s); the pull was \
+                         abandoned",
                         d.as_secs_f64()
                     ))
                 })?,

@@ -87,6 +87,7 @@ fn streams(io: ExecIo) -> ProcessStreams {
         stdout: io.stdout,
         stderr: io.stderr,
         resize,
+        gone: io.gone,
     }
 }
 

@@ -45,6 +45,17 @@ pub struct ExecIo {
     pub stdout: Option<mpsc::Sender<Bytes>>,
     pub stderr: Option<mpsc::Sender<Bytes>>,
     pub resize: Option<mpsc::Receiver<TermSize>>,
+    /// Becomes true when the client's connection is gone (not merely its stdin closed):
+    /// the backend then hangs up the process as a terminal would. A sender dropped without
+    /// setting it means the session ended normally.
+    pub gone: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves once `gone` says the client is gone; never, if the session ends otherwise.
+pub async fn client_gone(gone: &mut tokio::sync::watch::Receiver<bool>) {
+    if gone.wait_for(|g| *g).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 pub trait PortStream: AsyncRead + AsyncWrite + Send + Unpin {}

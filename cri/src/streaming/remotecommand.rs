@@ -196,8 +196,30 @@ pub async fn serve_spdy(
     }
     debug!(protocol = proto.name(), "exec: all streams open");
 
-    let (io, pumps) = wire(&mut got);
-    let result = cmd.run(backend.as_ref(), io).await;
+    let (gone_tx, gone_rx) = tokio::sync::watch::channel(false);
+    let (io, pumps) = wire(&mut got, gone_rx);
+    // While the command runs, the session is watched: its end (the client's connection
+    // gone) is what the backend hangs up on; late streams are refused.
+    let run = cmd.run(backend.as_ref(), io);
+    tokio::pin!(run);
+    let mut watching = true;
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            st = session.accept(), if watching => match st {
+                None => {
+                    watching = false;
+                    let _ = gone_tx.send(true);
+                }
+                Some(st) => {
+                    let _ = st
+                        .writer
+                        .reset(super::spdy::frame::rst::REFUSED_STREAM)
+                        .await;
+                }
+            },
+        }
+    };
     // The backend has dropped its senders: the pumps drain and FIN stdout/stderr before
     // the status goes out, so the client has all output when it learns the exit code.
     for p in pumps {
@@ -223,7 +245,10 @@ pub async fn serve_spdy(
 }
 
 /// Connects the SPDY streams to the backend's channels; returns the output pumps to await.
-fn wire(got: &mut Streams) -> (ExecIo, Vec<tokio::task::JoinHandle<()>>) {
+fn wire(
+    got: &mut Streams,
+    gone: tokio::sync::watch::Receiver<bool>,
+) -> (ExecIo, Vec<tokio::task::JoinHandle<()>>) {
     let mut pumps = Vec::new();
     let stdin = got.stdin.take().map(|st| {
         let (tx, rx) = mpsc::channel(8);
@@ -250,6 +275,7 @@ fn wire(got: &mut Streams) -> (ExecIo, Vec<tokio::task::JoinHandle<()>>) {
             stdout,
             stderr,
             resize,
+            gone,
         },
         pumps,
     )

@@ -173,11 +173,13 @@ pub async fn serve_exec<IO>(
             tx
         })
     };
+    let (gone_tx, gone_rx) = tokio::sync::watch::channel(false);
     let io = ExecIo {
         stdout: output(stdout, STDOUT),
         stderr: output(stderr && !tty, STDERR),
         stdin: stdin.then_some(stdin_rx),
         resize: tty.then_some(resize_rx),
+        gone: gone_rx,
     };
 
     // Reader: demultiplex the client's messages until it closes or the command ends.
@@ -215,7 +217,8 @@ pub async fn serve_exec<IO>(
                 other => debug!(channel = other, "websocket: ignoring a message"),
             }
         }
-        // Client gone or closed: stdin ends.
+        // Client gone or closed: stdin ends, and the backend hangs up.
+        let _ = gone_tx.send(true);
     });
 
     let result = cmd.run(backend.as_ref(), io).await;

@@ -334,25 +334,28 @@ fn exec_and_attach_stream_through_huskd_into_the_pod() {
         f.lap("attach with stdin_once");
 
         // Clients that hang up (the connection dropped, no FIN): a tty exec gets SIGHUP, one
-        // that ignores it SIGKILL, a non-tty one EOF on stdin. Nothing of them stays: no
+        // that ignores it SIGKILL, a non-tty one EOF on stdin, and one without stdin (it
+        // would never learn of the client otherwise) SIGKILL. Nothing of them stays: no
         // process in the guest, no exec FIFO in the bundle.
-        for (cmd, tty, tag) in [
-            ("echo ready-$((1+1)); exec sleep 3601", true, "3601"),
+        for (cmd, stdin, tty, tag) in [
+            ("echo ready-$((1+1)); exec sleep 3601", true, true, "3601"),
             (
                 "trap '' HUP; echo ready-$((1+1)); exec sleep 3602",
                 true,
+                true,
                 "3602",
             ),
-            ("echo ready-$((1+1)); cat; : 3603", false, "3603"),
+            ("echo ready-$((1+1)); cat; : 3603", true, false, "3603"),
+            ("echo ready-$((1+1)); exec sleep 3604", false, false, "3604"),
         ] {
-            let url = exec_url(&mut c, &idle, &["sh", "-c", cmd], true, tty).await;
-            let (flags, mut steps) = if tty {
-                (
+            let url = exec_url(&mut c, &idle, &["sh", "-c", cmd], stdin, tty).await;
+            let (flags, mut steps) = match (stdin, tty) {
+                (_, true) => (
                     "stdin,stdout,tty",
                     vec![json!({"resize": {"Width": 80, "Height": 24}})],
-                )
-            } else {
-                ("stdin,stdout,stderr", vec![])
+                ),
+                (true, false) => ("stdin,stdout,stderr", vec![]),
+                (false, false) => ("stdout,stderr", vec![]),
             };
             steps.extend([json!({"expect": "ready-2"}), json!({"hangup": true})]);
             let v = session(&f.huskd, &url, flags, Value::Array(steps)).await;
