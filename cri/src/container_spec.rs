@@ -53,6 +53,10 @@ pub struct ContainerConfig {
     pub stdin_once: bool,
     #[serde(default)]
     pub tty: bool,
+    /// The container's resource limits at creation, as OCI `linux.resources` (kubelet's
+    /// memory and CPU limits; null: none).
+    #[serde(default)]
+    pub resources: serde_json::Value,
 }
 
 /// A host path bind-mounted into the container.
@@ -210,6 +214,8 @@ pub fn default_mounts() -> Vec<Value> {
                "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+               "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
     ]
 }
 
@@ -236,9 +242,16 @@ pub fn container_spec(
     let sec = &c.security;
     let mut mounts = default_mounts();
     if sec.privileged {
-        // containerd's privileged containers get a writable /sys (inside the guest).
-        if let Some(sys) = mounts.iter_mut().find(|m| m["destination"] == "/sys") {
-            sys["options"] = json!(["nosuid", "noexec", "nodev", "rw"]);
+        // containerd's privileged containers get a writable /sys and cgroupfs (inside the
+        // guest).
+        for m in mounts.iter_mut() {
+            if m["destination"] == "/sys" || m["destination"] == "/sys/fs/cgroup" {
+                for o in m["options"].as_array_mut().into_iter().flatten() {
+                    if o == "ro" {
+                        *o = "rw".into();
+                    }
+                }
+            }
         }
     }
     for m in &c.mounts {
@@ -275,6 +288,16 @@ pub fn container_spec(
     });
     if let Some(profile) = &res.seccomp {
         spec["linux"]["seccomp"] = profile.clone();
+    }
+    // The guest's cgroups are v2: as containerd does there, a cgroup namespace (unless
+    // privileged) shows the container its own cgroup at /sys/fs/cgroup.
+    if !sec.privileged {
+        if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+            ns.push(json!({"type": "cgroup"}));
+        }
+    }
+    if c.resources.as_object().is_some_and(|r| !r.is_empty()) {
+        spec["linux"]["resources"] = c.resources.clone();
     }
     // The pod's hostname, as containerd sets it (the agent drops it where the container
     // joins the sandbox's UTS namespace, which already has it).
@@ -389,6 +412,18 @@ mod tests {
     }
 
     #[test]
+    fn resources_at_creation_become_the_specs_linux_resources() {
+        let netns = PathBuf::from("/n");
+        let mut c = cfg(&["sh"], &[]);
+        let i = ImageConfig::default();
+        let s = container_spec(&c, &i, "b", &pod(&netns), &root()).unwrap();
+        assert!(s["linux"].get("resources").is_none());
+        c.resources = json!({"memory": {"limit": 16777216}, "cpu": {"shares": 512}});
+        let s = container_spec(&c, &i, "b", &pod(&netns), &root()).unwrap();
+        assert_eq!(s["linux"]["resources"], c.resources);
+    }
+
+    #[test]
     fn the_security_context_shapes_the_spec() {
         let netns = PathBuf::from("/n");
         let mut c = cfg(&["sh"], &[]);
@@ -450,6 +485,15 @@ mod tests {
             .find(|m| m["destination"] == "/sys")
             .unwrap();
         assert!(sys["options"].as_array().unwrap().contains(&json!("rw")));
+        let cgroupfs = s["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/sys/fs/cgroup")
+            .unwrap();
+        assert!(cgroupfs["options"].as_array().unwrap().contains(&json!("rw")));
+        let ns = s["linux"]["namespaces"].as_array().unwrap();
+        assert!(!ns.contains(&json!({"type": "cgroup"})), "{ns:?}");
     }
 
     #[test]
@@ -488,6 +532,7 @@ mod tests {
         assert_eq!(s["root"]["path"], "rootfs");
         let ns = s["linux"]["namespaces"].as_array().unwrap();
         assert!(ns.contains(&json!({"type": "network", "path": "/var/run/netns/husk-x"})));
+        assert!(ns.contains(&json!({"type": "cgroup"})), "{ns:?}");
         let m = s["mounts"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(m["source"], "/h");
         assert_eq!(m["options"], json!(["rbind", "rprivate", "ro"]));

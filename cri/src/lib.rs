@@ -9,6 +9,7 @@ pub mod cni;
 pub mod config;
 pub mod container_spec;
 pub mod containers;
+pub mod events;
 pub mod fanout;
 pub mod image;
 pub mod layer_files;

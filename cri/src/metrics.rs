@@ -76,6 +76,8 @@ pub struct Metrics {
     pub cni_errors: AtomicU64,
     /// Calls to a shim that failed, and shims that could not be started.
     pub shim_errors: AtomicU64,
+    /// Task events the shims forwarded to huskd's events socket.
+    pub shim_events: AtomicU64,
 }
 
 pub static METRICS: Metrics = Metrics {
@@ -87,6 +89,7 @@ pub static METRICS: Metrics = Metrics {
     pull_bytes: AtomicU64::new(0),
     cni_errors: AtomicU64::new(0),
     shim_errors: AtomicU64::new(0),
+    shim_events: AtomicU64::new(0),
 };
 
 /// Adds one to a counter.
@@ -173,6 +176,12 @@ pub async fn render(pods: &Pods, containers: &Containers) -> String {
         "huskd_shim_errors_total",
         "Shim starts and shim calls that failed.",
         &m.shim_errors,
+    );
+    counter(
+        &mut out,
+        "huskd_shim_events_total",
+        "Task events the shims forwarded to huskd's events socket.",
+        &m.shim_events,
     );
     out
 }

@@ -59,6 +59,7 @@ mod tests {
             rw_dir: PathBuf::new(),
             shim_address: String::new(),
             task_deleted: false,
+            oom_killed: false,
         }
     }
 

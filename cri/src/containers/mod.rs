@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 mod attach;
+mod events;
 mod exec;
 mod exec_stream;
 mod filter;
@@ -129,6 +130,9 @@ pub struct Container {
     rw_dir: PathBuf,
     pub(crate) shim_address: String,
     task_deleted: bool,
+    /// The shim reported an OOM kill in the container (its reason at exit is `OOMKilled`).
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 struct Slot {
@@ -369,6 +373,7 @@ impl Containers {
             rw_dir: rw,
             shim_address: address,
             task_deleted: false,
+            oom_killed: false,
         };
         info!(container = %id, pod = %pod.id, name = %c.config.name, "container created");
         save(&self.records, &c);
@@ -492,14 +497,14 @@ impl Containers {
                 Ok(code) => (code as i32, String::new()),
                 Err(e) => (255, format!("lost the container's shim: {e}")),
             };
-            let reason = if code == 0 { "Completed" } else { "Error" };
-            finish_in(&table, &records, &id, code, reason, &message);
-            info!(container = %id, code, "container exited");
+            if finish_in(&table, &records, &id, code, exit_reason(code), &message) {
+                info!(container = %id, code, "container exited");
+            }
         });
     }
 
-    fn finish(&self, id: &str, code: i32, reason: &str, message: &str) {
-        finish_in(&self.table, &self.records, id, code, reason, message);
+    fn finish(&self, id: &str, code: i32, reason: &str, message: &str) -> bool {
+        finish_in(&self.table, &self.records, id, code, reason, message)
     }
 
     /// Waits until the container is recorded exited, up to `d`; true if it is.
@@ -632,19 +637,45 @@ pub(crate) fn with_tty(process: &mut serde_json::Value) {
 }
 
 /// Records an exit (a created container whose Start failed counts as exited too) and wakes
-/// whoever waits for it.
-fn finish_in(table: &Table, records: &Records, id: &str, code: i32, reason: &str, message: &str) {
+/// whoever waits for it. The first report wins: the shim's exit event and its Wait answer
+/// tell of the same exit. An OOM kill the shim reported is the reason, as in containerd.
+/// False if there is no such container or its exit was already recorded.
+fn finish_in(
+    table: &Table,
+    records: &Records,
+    id: &str,
+    code: i32,
+    reason: &str,
+    message: &str,
+) -> bool {
     let mut t = table.lock().expect("containers lock");
-    if let Some(s) = t.get_mut(id) {
-        s.c.state = ContainerState::Exited;
-        s.c.finished_at_ns = now_ns();
-        s.c.exit_code = code;
-        s.c.reason = reason.into();
-        s.c.message = message.into();
-        save(records, &s.c);
-        s.exited.send_replace(true);
+    let Some(s) = t.get_mut(id) else {
+        return false;
+    };
+    if s.c.state == ContainerState::Exited {
+        return false;
+    }
+    s.c.state = ContainerState::Exited;
+    s.c.finished_at_ns = now_ns();
+    s.c.exit_code = code;
+    s.c.reason = if s.c.oom_killed { OOM_KILLED } else { reason }.into();
+    s.c.message = message.into();
+    save(records, &s.c);
+    s.exited.send_replace(true);
+    true
+}
+
+/// The reason of an exit with `code`, unless the OOM killer was its cause.
+fn exit_reason(code: i32) -> &'static str {
+    if code == 0 {
+        "Completed"
+    } else {
+        "Error"
     }
 }
+
+/// The reason of a container the OOM killer hit (containerd's and kubelet's word).
+pub(crate) const OOM_KILLED: &str = "OOMKilled";
 
 /// Records a container's state. A failed write is logged, not fatal: the container runs
 /// either way, and only a huskd restart would miss the change.

@@ -35,7 +35,12 @@ pub(crate) fn container_config(c: cri::ContainerConfig) -> Result<ContainerConfi
     let md = c
         .metadata
         .ok_or_else(|| Status::invalid_argument("CreateContainer: config has no metadata"))?;
-    let sc = c.linux.and_then(|l| l.security_context).unwrap_or_default();
+    let (sc, limits) = c
+        .linux
+        .map(|l| (l.security_context, l.resources))
+        .unwrap_or_default();
+    let sc = sc.unwrap_or_default();
+    let limits = limits.map(|r| resources(r).to_oci()).unwrap_or_default();
     Ok(ContainerConfig {
         name: md.name,
         attempt: md.attempt,
@@ -60,6 +65,7 @@ pub(crate) fn container_config(c: cri::ContainerConfig) -> Result<ContainerConfi
         stdin: c.stdin,
         stdin_once: c.stdin_once,
         tty: c.tty,
+        resources: limits,
     })
 }
 

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::cni::CniError;
 use crate::config::Config;
 use crate::containers::Containers;
+use crate::events::EventsServer;
 use crate::image::{ImageError, Puller, Store};
 use crate::pods::{PodError, Pods};
 use crate::shim_client::ShimLauncher;
@@ -41,6 +42,8 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Events(#[from] crate::events::EventsError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -115,9 +118,9 @@ pub async fn serve(
     let launcher = ShimLauncher {
         binary: shim_binary(&config),
         namespace: "k8s.io".into(),
+        // The shim forwards its task events to `<address>.ttrpc` (crate::events). Its
+        // fallback, a publish binary, is a no-op: huskd also learns exits from Wait.
         address: config.socket.display().to_string(),
-        // huskd does not serve the events API yet: the shim's fallback publisher is a
-        // no-op until it does.
         publish_binary: "/bin/true".into(),
         config: config_path,
     };
@@ -149,7 +152,12 @@ pub async fn serve(
             .await
             .map_err(|source| ServeError::Metrics { addr, source })?;
     }
-    let runtime = runtime::Runtime::new(config.clone(), pods, containers, Arc::new(stream_server));
+    let runtime = runtime::Runtime::new(
+        config.clone(),
+        pods,
+        containers.clone(),
+        Arc::new(stream_server),
+    );
 
     let socket = config.socket.clone();
     let sock_err = |source| ServeError::Socket {
@@ -159,12 +167,21 @@ pub async fn serve(
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).map_err(sock_err)?;
     }
-    match std::fs::remove_file(&socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(sock_err(e)),
-    }
-    let listener = UnixListener::bind(&socket).map_err(sock_err)?;
+    // After the restore, so an event queued in a shim while huskd was down finds its
+    // container (the shim's publisher retries for about 15 s); before the CRI socket, so
+    // a CRI socket that answers means huskd is whole.
+    let events = EventsServer::start(&crate::events::socket_path(&socket), containers).await?;
+    let bound = match std::fs::remove_file(&socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => UnixListener::bind(&socket),
+    };
+    let listener = match bound {
+        Ok(l) => l,
+        Err(e) => {
+            events.stop().await;
+            return Err(sock_err(e));
+        }
+    };
     info!(socket = %socket.display(), "huskd serving CRI v1");
     let r = tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::new(runtime))
@@ -172,6 +189,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&socket);
+    events.stop().await;
     r?;
     Ok(())
 }

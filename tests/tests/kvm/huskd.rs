@@ -11,6 +11,7 @@ mod cgroups;
 mod concurrent;
 mod fixture;
 mod live;
+mod oom;
 mod pod_settings;
 mod port_forward;
 mod restart;
