@@ -104,6 +104,10 @@ pub struct Pod {
     netns: Netns,
     bundle: PathBuf,
     shim_address: String,
+    /// RunPodSandbox has not finished: a huskd that finds this at start died during it,
+    /// and undoes the pod.
+    #[serde(default)]
+    starting: bool,
 }
 
 pub struct Pods {
@@ -152,6 +156,14 @@ impl Pods {
     /// the shim's `delete`, the cached CNI result and the recorded netns).
     pub async fn restore(&self) {
         for mut pod in self.records.load::<Pod>() {
+            if pod.starting {
+                warn!(pod = %pod.id, name = %pod.spec.name, "RunPodSandbox was cut short by huskd's end: undoing it");
+                self.tear_down(&pod).await;
+                if let Err(e) = self.records.remove(&pod.id) {
+                    warn!(pod = %pod.id, error = %e, "remove the pod's record");
+                }
+                continue;
+            }
             if pod.state == PodState::Ready && Shim::connect(&pod.shim_address).await.is_err() {
                 warn!(pod = %pod.id, "the pod's shim is gone: NotReady");
                 pod.state = PodState::NotReady;
@@ -180,10 +192,7 @@ impl Pods {
         let started = std::time::Instant::now();
         let net = Network::load(&self.cni_conf_dir)?;
         let id = new_id();
-        let netns = Netns::create(
-            std::path::Path::new(NETNS_DIR),
-            &format!("husk-{}", &id[..16]),
-        )?;
+        let netns_name = format!("husk-{}", &id[..16]);
         let mut pod = Pod {
             id: id.clone(),
             spec,
@@ -191,14 +200,22 @@ impl Pods {
             state: PodState::Ready,
             created_at_ns: now_ns(),
             ip: None,
-            netns,
+            netns: Netns::from_path(std::path::Path::new(NETNS_DIR).join(&netns_name)),
             bundle: self.bundles.join(&id),
             shim_address: String::new(),
+            starting: true,
         };
-        let up = match self.bring_up(&mut pod, &net).await {
-            Ok(()) => self.records.save(&id, &pod).map_err(PodError::from),
-            Err(e) => Err(e),
-        };
+        // Recorded before anything is made, so a huskd that dies before the pod is up
+        // undoes it at its next start (the CNI cache and the shim's address are recorded
+        // as they come).
+        self.records.save(&id, &pod)?;
+        let up = async {
+            pod.netns = Netns::create(std::path::Path::new(NETNS_DIR), &netns_name)?;
+            self.bring_up(&mut pod, &net).await?;
+            pod.starting = false;
+            self.records.save(&id, &pod).map_err(PodError::from)
+        }
+        .await;
         match up {
             Ok(()) => {
                 METRICS.pod_start.observe(started.elapsed());
@@ -210,6 +227,9 @@ impl Pods {
                 metrics::inc(&METRICS.pod_start_failures);
                 warn!(pod = %id, error = %e, "RunPodSandbox failed; undoing it");
                 self.tear_down(&pod).await;
+                if let Err(e) = self.records.remove(&id) {
+                    warn!(pod = %id, error = %e, "remove the pod's record");
+                }
                 Err(e)
             }
         }
@@ -233,6 +253,7 @@ impl Pods {
             .expect("serialize a spec");
         std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
         pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
+        self.records.save(&pod.id, pod)?;
         let boot = std::time::Instant::now();
         let shim = Shim::connect(&pod.shim_address).await?;
         shim.create(&pod.id, &pod.bundle, self.launcher.config.as_deref())
@@ -263,8 +284,15 @@ impl Pods {
     /// (through its socket, then the `delete` action for whatever is left), CNI, the netns,
     /// the bundle. Errors are logged; what failed stays for a later Stop to retry.
     async fn tear_down(&self, pod: &Pod) {
-        if !pod.shim_address.is_empty() {
-            if let Ok(shim) = Shim::connect(&pod.shim_address).await {
+        // A shim whose `start` huskd did not see answer (it died meanwhile) wrote its
+        // address into the bundle, as containerd's shims do.
+        let address = if pod.shim_address.is_empty() {
+            std::fs::read_to_string(pod.bundle.join("address")).unwrap_or_default()
+        } else {
+            pod.shim_address.clone()
+        };
+        if !address.is_empty() {
+            if let Ok(shim) = Shim::connect(&address).await {
                 let _ = shim.kill(&pod.id, libc::SIGKILL as u32).await;
                 let _ = shim.delete(&pod.id).await;
                 let _ = shim.shutdown(&pod.id).await;

@@ -1,7 +1,8 @@
 //! huskd SIGKILLed with a pod and a container running, then started again on the same
 //! state: the pod and the container are still there and still run (the shim and the VM
 //! never noticed), the container's output still reaches its CRI log, its exit is still
-//! seen, and Stop/Remove of the pod then clean up everything the first huskd made.
+//! seen, and Stop/Remove of the pod then clean up everything the first huskd made. And
+//! huskd SIGKILLed in the middle of a RunPodSandbox: the next huskd undoes that pod.
 use std::time::Duration;
 
 use husk_tests::containerd::cri::wait_log_line;
@@ -131,6 +132,54 @@ fn a_running_pod_survives_a_huskd_restart() {
 
         f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
         f.lap("pod removed by the restarted huskd; nothing left");
+    });
+    f.finish();
+}
+
+/// huskd SIGKILLed while RunPodSandbox is starting the pod's shim and VM: the caller gets
+/// an error, and the restarted huskd undoes the pod from its record before it serves (the
+/// shim and its VM, the CNI allocation, the netns, the bundle, the record): nothing listed,
+/// nothing left.
+#[test]
+fn a_pod_cut_short_by_a_huskd_crash_is_undone_at_the_next_start() {
+    let mut f = Fixture::start();
+    let rt = husk_tests::pod::runtime();
+    rt.block_on(async {
+        let (mut c, _) = f.client().await;
+        let sandbox = pod_config("cutpod", &f.log_dir());
+        let call = tokio::spawn(async move {
+            c.rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(sandbox),
+                runtime_handler: "kata".into(),
+            })
+            .await
+        });
+        // The shim is up (its VM booting): huskd has made the netns, CNI and bundle.
+        let needle = f.huskd.socket.display().to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while super::processes_with(&needle).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no shim started in 120 s:\n{}",
+                f.huskd.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_ne!(super::husk_netns(), f.netns_before, "no netns made yet");
+        f.huskd.kill_and_restart();
+        let r = call.await.expect("the RunPodSandbox task");
+        assert!(
+            r.is_err(),
+            "RunPodSandbox answered through a killed huskd: {r:?}"
+        );
+        f.lap("huskd killed during RunPodSandbox and restarted");
+        assert!(
+            f.huskd.log().contains("RunPodSandbox was cut short"),
+            "{}",
+            f.huskd.log()
+        );
+        super::assert_nothing_left(&mut f.huskd.connect(), &f.huskd, &f.netns_before).await;
     });
     f.finish();
 }
