@@ -171,6 +171,9 @@ fn main() {
         .prefix("husk-bench-cri-")
         .tempdir()
         .expect("temp dir");
+    let rt = husk_tests::pod::runtime();
+    // The CRI clients' lazy channels spawn on the runtime.
+    let _rt_context = rt.enter();
     let targets = [
         Target {
             name: "huskd",
@@ -197,7 +200,6 @@ fn main() {
             image: images::BUSYBOX.into(),
         },
     ];
-    let rt = husk_tests::pod::runtime();
     let (start, rate, rss) = rt.block_on(async {
         pull(&huskd, &image).await;
         // One unmeasured pod each: image unpack and first-use caches.
