@@ -491,7 +491,10 @@ mod tests {
             .iter()
             .find(|m| m["destination"] == "/sys/fs/cgroup")
             .unwrap();
-        assert!(cgroupfs["options"].as_array().unwrap().contains(&json!("rw")));
+        assert!(cgroupfs["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("rw")));
         let ns = s["linux"]["namespaces"].as_array().unwrap();
         assert!(!ns.contains(&json!({"type": "cgroup"})), "{ns:?}");
     }

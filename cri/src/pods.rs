@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cni::{Attachment, Cni, CniError, Network, PortMapping};
 use crate::config::{CgroupDriver, Config};
@@ -237,9 +237,11 @@ impl Pods {
 
     async fn bring_up(&self, pod: &mut Pod, net: &Network) -> Result<(), PodError> {
         let att = self.attachment(pod);
+        let t0 = std::time::Instant::now();
         let added = self.cni.add(net, &att).await.inspect_err(|_| {
             metrics::inc(&METRICS.cni_errors);
         })?;
+        let cni = t0.elapsed();
         pod.ip = added.ips.first().cloned();
         let bundle_err = |source| PodError::Bundle {
             path: pod.bundle.clone(),
@@ -252,14 +254,19 @@ impl Pods {
         let spec = serde_json::to_vec_pretty(&sandbox_spec(pod, self.cgroup_driver)?)
             .expect("serialize a spec");
         std::fs::write(pod.bundle.join("config.json"), spec).map_err(bundle_err)?;
+        let t1 = std::time::Instant::now();
         pod.shim_address = self.launcher.start(&pod.id, &pod.bundle).await?;
         self.records.save(&pod.id, pod)?;
+        let shim_start = t1.elapsed();
         let boot = std::time::Instant::now();
         let shim = Shim::connect(&pod.shim_address).await?;
         shim.create(&pod.id, &pod.bundle, self.launcher.config.as_deref())
             .await?;
         shim.start(&pod.id).await?;
         METRICS.vm_boot.observe(boot.elapsed());
+        // Where a pod start's time goes (CNI plugins and the shim's start are processes of
+        // their own; the VM's boot is the shim's Create + Start).
+        debug!(pod = %pod.id, ?cni, ?shim_start, vm_boot = ?boot.elapsed(), "pod sandbox up");
         Ok(())
     }
 
