@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 mod attach;
-mod events;
 mod exec;
 mod exec_stream;
+mod exit;
 mod filter;
 mod live;
 mod restore;
@@ -483,45 +483,6 @@ impl Containers {
         Ok(())
     }
 
-    /// Waits (in a task) for the container's exit through the shim and records it. A shim
-    /// that is gone counts as an exit (255) with the reason in the message.
-    fn spawn_waiter(&self, id: &str, address: &str) {
-        let (table, records) = (self.table.clone(), self.records.clone());
-        let (address, id) = (address.to_string(), id.to_string());
-        tokio::spawn(async move {
-            let waited = match Shim::connect(&address).await {
-                Ok(shim) => shim.wait(&id, "").await,
-                Err(e) => Err(e),
-            };
-            let (code, message) = match waited {
-                Ok(code) => (code as i32, String::new()),
-                Err(e) => (255, format!("lost the container's shim: {e}")),
-            };
-            if finish_in(&table, &records, &id, code, exit_reason(code), &message) {
-                info!(container = %id, code, "container exited");
-            }
-        });
-    }
-
-    fn finish(&self, id: &str, code: i32, reason: &str, message: &str) -> bool {
-        finish_in(&self.table, &self.records, id, code, reason, message)
-    }
-
-    /// Waits until the container is recorded exited, up to `d`; true if it is.
-    async fn wait_exited(&self, id: &str, d: Duration) -> bool {
-        let rx = self
-            .table
-            .lock()
-            .expect("containers lock")
-            .get(id)
-            .map(|s| s.exited.subscribe());
-        let Some(mut rx) = rx else { return true };
-        let exited = tokio::time::timeout(d, rx.wait_for(|exited| *exited))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        exited
-    }
-
     /// StopContainer: SIGTERM, then SIGKILL after `timeout`. Succeeds for a container that
     /// does not exist or is not running.
     pub async fn stop(&self, id: &str, timeout: Duration) -> Result<(), ContainerError> {
@@ -635,47 +596,6 @@ pub(crate) fn with_tty(process: &mut serde_json::Value) {
         process["env"] = serde_json::json!(["TERM=xterm"]);
     }
 }
-
-/// Records an exit (a created container whose Start failed counts as exited too) and wakes
-/// whoever waits for it. The first report wins: the shim's exit event and its Wait answer
-/// tell of the same exit. An OOM kill the shim reported is the reason, as in containerd.
-/// False if there is no such container or its exit was already recorded.
-fn finish_in(
-    table: &Table,
-    records: &Records,
-    id: &str,
-    code: i32,
-    reason: &str,
-    message: &str,
-) -> bool {
-    let mut t = table.lock().expect("containers lock");
-    let Some(s) = t.get_mut(id) else {
-        return false;
-    };
-    if s.c.state == ContainerState::Exited {
-        return false;
-    }
-    s.c.state = ContainerState::Exited;
-    s.c.finished_at_ns = now_ns();
-    s.c.exit_code = code;
-    s.c.reason = if s.c.oom_killed { OOM_KILLED } else { reason }.into();
-    s.c.message = message.into();
-    save(records, &s.c);
-    s.exited.send_replace(true);
-    true
-}
-
-/// The reason of an exit with `code`, unless the OOM killer was its cause.
-fn exit_reason(code: i32) -> &'static str {
-    if code == 0 {
-        "Completed"
-    } else {
-        "Error"
-    }
-}
-
-/// The reason of a container the OOM killer hit (containerd's and kubelet's word).
-pub(crate) const OOM_KILLED: &str = "OOMKilled";
 
 /// Records a container's state. A failed write is logged, not fatal: the container runs
 /// either way, and only a huskd restart would miss the change.
