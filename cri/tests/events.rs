@@ -6,8 +6,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 
 use containerd_shim_protos::api::ForwardRequest;
 use containerd_shim_protos::events::task::TaskExit;
@@ -17,19 +16,11 @@ use containerd_shim_protos::ttrpc::context;
 use containerd_shim_protos::ttrpc::{Code, Error as TtrpcError};
 use support::Huskd;
 
-fn events_total(addr: SocketAddr) -> u64 {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: huskd\r\nConnection: close\r\n\r\n"
+fn events_total(addr: SocketAddr) -> f64 {
+    support::sample(
+        &support::http_get(addr, "/metrics").1,
+        "huskd_shim_events_total",
     )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("huskd_shim_events_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no huskd_shim_events_total in:\n{text}"))
 }
 
 async fn events_client(huskd: &Huskd) -> EventsClient {
@@ -82,7 +73,7 @@ async fn the_events_socket_takes_shim_events_and_refuses_malformed_ones() {
         events_socket.exists(),
         "no events socket beside the CRI socket"
     );
-    assert_eq!(events_total(metrics), 0);
+    assert_eq!(events_total(metrics), 0.0);
 
     let c = events_client(&huskd).await;
     // An exit of a container huskd does not know (e.g. another runtime's): accepted, dropped.
@@ -96,7 +87,7 @@ async fn the_events_socket_takes_shim_events_and_refuses_malformed_ones() {
     )
     .await
     .expect("Forward of /tasks/start");
-    assert_eq!(events_total(metrics), 2);
+    assert_eq!(events_total(metrics), 2.0);
 
     for (req, want) in [
         (

@@ -5,32 +5,10 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 
 use k8s_cri::v1 as cri;
-use support::Huskd;
-
-/// `GET path` on `addr`; the status line and the body.
-fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: huskd\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
-/// The value of the sample named exactly `name` (with its labels).
-fn sample(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
-}
+use support::{http_get as get, sample, Huskd};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_are_served_in_prometheus_text_format_and_count_what_happens() {

@@ -276,6 +276,23 @@ impl Huskd {
         husk_cri::client::connect(&self.socket)
     }
 
+    /// Pulls `image` through huskd's CRI; its image ref (id).
+    pub async fn pull(&self, image: &str) -> String {
+        self.connect()
+            .img
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("PullImage {image} through huskd: {e}\n{}", self.log()))
+            .into_inner()
+            .image_ref
+    }
+
     /// Stops huskd (SIGTERM) and deletes the test bridge CNI made.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

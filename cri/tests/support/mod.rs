@@ -12,6 +12,29 @@ use std::time::{Duration, Instant};
 
 const READY: Duration = Duration::from_secs(20);
 
+/// `GET path` over plain HTTP/1.1 on `addr`, as Prometheus scrapes; the status line and
+/// the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: huskd\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the metrics sample named exactly `name` (with its labels).
+pub fn sample(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+}
+
 pub fn require(path: &str, package: &str) {
     assert!(
         Path::new(path).exists(),

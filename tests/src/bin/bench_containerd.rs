@@ -10,7 +10,7 @@
 //!   of pods. husk: shim + husk-vmm (with its helper) + virtiofsd; runc: shim + pause (the
 //!   busybox `sleep` of a runc pod runs on the host too and is not counted; husk's runs in
 //!   the guest, whose memory is in the VMM's PSS).
-use husk_tests::bench::median;
+use husk_tests::bench::{arg, median};
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::cri::wait_log_line;
@@ -76,18 +76,6 @@ fn pods_pss_kib(socket: &str) -> (u64, usize) {
         }
     }
     (total, n)
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
 }
 
 fn main() {

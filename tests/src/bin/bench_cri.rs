@@ -14,11 +14,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use husk_tests::bench::median;
+use husk_tests::bench::{arg, median};
 use husk_tests::containerd::cri::{wait_log_line, Cri};
 use husk_tests::containerd::{images, Containerd, HANDLER_HUSK, HANDLER_RUNC};
 use husk_tests::huskd::{Huskd, Registry};
-use k8s_cri::v1 as cri;
 
 /// One way of running a pod: a CRI endpoint and the handler to ask it for.
 #[derive(Clone)]
@@ -125,34 +124,6 @@ async fn rss_with_pods(t: &Target, pods: usize, pid: u32) -> f64 {
     rss
 }
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name} takes a number"))
-        })
-        .unwrap_or(default)
-}
-
-/// Pulls `image` through huskd's CRI.
-async fn pull(huskd: &Huskd, image: &str) {
-    huskd
-        .connect()
-        .img
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("PullImage through huskd: {e}\n{}", huskd.log()));
-}
-
 fn main() {
     let runs = arg("--runs", 10);
     let burst = arg("--burst", 8);
@@ -201,7 +172,7 @@ fn main() {
         },
     ];
     let (start, rate, rss) = rt.block_on(async {
-        pull(&huskd, &image).await;
+        huskd.pull(&image).await;
         // One unmeasured pod each: image unpack and first-use caches.
         for t in &targets {
             let (id, _) = start_pod(t, &format!("warm-{}", t.handler)).await;

@@ -144,22 +144,6 @@ fn processes_with(needle: &str) -> Vec<String> {
     out
 }
 
-/// Pulls `image` through huskd; returns its id.
-async fn pull(c: &mut CriClient, image: &str) -> String {
-    c.img
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: image.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("PullImage {image}: {e}"))
-        .into_inner()
-        .image_ref
-}
-
 /// RunPodSandbox with handler `kata`; returns the pod id.
 async fn run_pod(c: &mut CriClient, huskd: &Huskd, sandbox: &cri::PodSandboxConfig) -> String {
     c.rt.run_pod_sandbox(cri::RunPodSandboxRequest {

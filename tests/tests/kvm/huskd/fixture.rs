@@ -8,7 +8,7 @@ use husk_tests::containerd::images;
 use husk_tests::huskd::{CriClient, Huskd, Registry};
 use husk_tests::leaks::Snapshot;
 
-use super::{husk_netns, pull};
+use super::husk_netns;
 
 pub struct Fixture {
     // Field order is drop order: a test that panics stops huskd (and its pods) before the
@@ -65,8 +65,8 @@ impl Fixture {
 
     /// A client of huskd with busybox pulled; busybox's image id.
     pub async fn client(&self) -> (CriClient, String) {
-        let mut c = self.huskd.connect();
-        let id = pull(&mut c, &self.image).await;
+        let c = self.huskd.connect();
+        let id = self.huskd.pull(&self.image).await;
         self.lap("busybox pulled");
         (c, id)
     }
