@@ -27,7 +27,11 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// As OCI LinuxResources JSON, with only what is set (an unset field keeps its value).
+    /// As OCI LinuxResources JSON for the container's cgroup in the guest, with only what is
+    /// set (an unset field keeps its value). Not passed, as Kata does not: cpusets (kubelet's
+    /// CPU manager numbers the host's CPUs and NUMA nodes; the guest's vCPUs are its own),
+    /// and hugepage limits of 0 (kubelet sends one for every page size of the node; the
+    /// guest kernel has no hugetlbfs, so nothing in it can use huge pages anyway).
     pub fn to_oci(&self) -> Value {
         let mut r = Map::new();
         let mut cpu = Map::new();
@@ -38,11 +42,6 @@ impl Resources {
         ] {
             if v > 0 {
                 cpu.insert(k.into(), v.into());
-            }
-        }
-        for (k, v) in [("cpus", &self.cpuset_cpus), ("mems", &self.cpuset_mems)] {
-            if !v.is_empty() {
-                cpu.insert(k.into(), v.clone().into());
             }
         }
         if !cpu.is_empty() {
@@ -58,12 +57,13 @@ impl Resources {
         if !mem.is_empty() {
             r.insert("memory".into(), mem.into());
         }
-        if !self.hugepage_limits.is_empty() {
-            let l: Vec<Value> = self
-                .hugepage_limits
-                .iter()
-                .map(|(size, limit)| json!({"pageSize": size, "limit": limit}))
-                .collect();
+        let l: Vec<Value> = self
+            .hugepage_limits
+            .iter()
+            .filter(|(_, limit)| *limit > 0)
+            .map(|(size, limit)| json!({"pageSize": size, "limit": limit}))
+            .collect();
+        if !l.is_empty() {
             r.insert("hugepageLimits".into(), l.into());
         }
         if !self.unified.is_empty() {
@@ -132,19 +132,37 @@ mod tests {
             cpu_quota: 50_000,
             cpu_period: 100_000,
             memory_limit_bytes: 64 << 20,
-            cpuset_cpus: "0".into(),
-            hugepage_limits: vec![("2MB".into(), 0)],
             unified: [("pids.max".to_string(), "100".to_string())].into(),
             ..Default::default()
         };
         assert_eq!(
             r.to_oci(),
             json!({
-                "cpu": {"quota": 50000, "period": 100000, "cpus": "0"},
+                "cpu": {"quota": 50000, "period": 100000},
                 "memory": {"limit": 67108864},
-                "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
                 "unified": {"pids.max": "100"}
             })
+        );
+    }
+
+    #[test]
+    fn host_cpusets_and_zero_hugepage_limits_stay_out_of_the_guest() {
+        // What kubelet sends with its static CPU manager on a node with two page sizes.
+        let r = Resources {
+            cpu_shares: 512,
+            cpuset_cpus: "2-3".into(),
+            cpuset_mems: "0".into(),
+            hugepage_limits: vec![("2MB".into(), 0), ("1GB".into(), 0)],
+            ..Default::default()
+        };
+        assert_eq!(r.to_oci(), json!({"cpu": {"shares": 512}}));
+        let asked = Resources {
+            hugepage_limits: vec![("2MB".into(), 0), ("1GB".into(), 1 << 30)],
+            ..Default::default()
+        };
+        assert_eq!(
+            asked.to_oci(),
+            json!({"hugepageLimits": [{"pageSize": "1GB", "limit": 1073741824}]})
         );
     }
 }
