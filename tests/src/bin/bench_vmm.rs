@@ -7,6 +7,10 @@
 //! the same point, and is printed for reference). Runs alternate between husk-vmm, husk-vmm
 //! jailed as the sandbox layer runs it (`--jail`), and QEMU.
 //!
+//! Boot phases, for both VMMs on the same guest: VMM start → the guest kernel's clock
+//! starts (the VMM's start-up, loading, firmware or none), and kernel → init on the guest's
+//! own clock (testinit prints `/proc/uptime` at init).
+//!
 //! `--startup` measures only the VMM's own start-up, from process start to its first
 //! KVM_RUN, phase by phase (from husk-vmm's log), and kills the VM right there. It needs only
 //! a `/dev/kvm` that can create VMs, so it also runs on hosts where guests would be emulated
@@ -82,7 +86,16 @@ fn qemu_cmd(test: &str) -> Command {
 
 /// Time to the marker line, and the VMM's resident memory outside guest RAM (KiB) sampled
 /// right after the marker.
-fn boot_once(mut c: Command, sample_rss: bool) -> (Duration, Option<u64>) {
+const GUEST_CLOCK: &str = "husk-testinit: guest clock at init ";
+
+/// One boot: the time to the marker (host clock), the VMM's RSS outside guest RAM when
+/// asked, and the guest's own clock at init (from its kernel's start).
+fn boot_once(c: Command, sample_rss: bool) -> (Duration, Option<u64>) {
+    let (boot, rss, _) = boot_phases(c, sample_rss);
+    (boot, rss)
+}
+
+fn boot_phases(mut c: Command, sample_rss: bool) -> (Duration, Option<u64>, Option<Duration>) {
     c.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -91,8 +104,17 @@ fn boot_once(mut c: Command, sample_rss: bool) -> (Duration, Option<u64>) {
     let out = child.stdout.take().unwrap();
     let mut boot = None;
     let mut rss = None;
+    let mut guest = None;
     for line in BufReader::new(out).lines() {
         let Ok(line) = line else { break };
+        if let Some((_, rest)) = line.split_once(GUEST_CLOCK) {
+            guest = rest
+                .trim_end_matches(" s")
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .map(Duration::from_secs_f64);
+        }
         if boot.is_none() && line.contains(MARKER) {
             boot = Some(start.elapsed());
             if sample_rss {
@@ -101,7 +123,7 @@ fn boot_once(mut c: Command, sample_rss: bool) -> (Duration, Option<u64>) {
         }
     }
     let _ = child.wait();
-    (boot.expect("guest never reached userspace"), rss)
+    (boot.expect("guest never reached userspace"), rss, guest)
 }
 
 /// Sum of Rss over the process's mappings, minus the guest RAM mapping(s).
@@ -160,6 +182,13 @@ fn vsock_round_trip() -> Duration {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(dir);
     rt
+}
+
+/// A boot's two phases in ms: VMM start → the guest kernel's clock starts (the host-measured
+/// boot less the guest's clock at init), and kernel → init (the guest's clock).
+fn split(boot: Duration, kernel: Duration) -> (f64, f64) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    (ms(boot) - ms(kernel), ms(kernel))
 }
 
 fn stats(v: &mut [Duration]) -> (f64, f64, f64) {
@@ -292,10 +321,16 @@ fn main() {
     }
     husk_tests::require_kvm();
     let (mut husk, mut jailed, mut qemu) = (vec![], vec![], vec![]);
+    // Per run under each VMM: (VMM start → kernel clock start, kernel → init), ms.
+    let (mut husk_phases, mut qemu_phases) = (vec![], vec![]);
     for i in 0..runs {
-        husk.push(boot_once(husk_cmd("boot"), false).0);
+        let (boot, _, kernel) = boot_phases(husk_cmd("boot"), false);
+        husk.push(boot);
+        husk_phases.extend(kernel.map(|k| split(boot, k)));
         jailed.push(boot_once(husk_jailed_cmd("boot", i), false).0);
-        qemu.push(boot_once(qemu_cmd("boot"), false).0);
+        let (boot, _, kernel) = boot_phases(qemu_cmd("boot"), false);
+        qemu.push(boot);
+        qemu_phases.extend(kernel.map(|k| split(boot, k)));
         eprintln!(
             "run {}/{runs}: husk {:?} jailed {:?} qemu {:?}",
             i + 1,
@@ -321,6 +356,19 @@ fn main() {
     println!(
         "| boot jailed, median (min / max) (ms) | {jm:.0} ({jmin:.0} / {jmax:.0}) | | jailed/unjailed {:.3} |",
         jm / hm
+    );
+    let med = |v: &[(f64, f64)], pick: fn(&(f64, f64)) -> f64| {
+        husk_tests::bench::median(v.iter().map(pick).collect())
+    };
+    let (hp, qp) = (med(&husk_phases, |p| p.0), med(&qemu_phases, |p| p.0));
+    let (hk, qk) = (med(&husk_phases, |p| p.1), med(&qemu_phases, |p| p.1));
+    println!(
+        "| phase: VMM start → the guest kernel's clock starts, median (ms) | {hp:.0} | {qp:.0} | {:.2} |",
+        hp / qp
+    );
+    println!(
+        "| phase: kernel → init, guest clock, median (ms) | {hk:.0} | {qk:.0} | {:.2} |",
+        hk / qk
     );
     println!(
         "| VMM RSS outside guest RAM (MiB) | {:.1} | {:.1} | {:.2} |",

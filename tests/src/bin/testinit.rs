@@ -30,6 +30,14 @@ fn main() {
     mount("sysfs", "/sys", "sysfs", "");
     println!("husk-testinit: userspace reached");
     boot_marker();
+    // The guest's own clock at init (CLOCK_BOOTTIME, from the kernel's start): the bench's
+    // kernel → init phase, the same measure under every VMM.
+    if let Some(up) = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().map(str::to_string))
+    {
+        println!("husk-testinit: guest clock at init {up} s");
+    }
     let test = std::env::var("husk_test").unwrap_or_else(|_| "boot".into());
     let result = match test.as_str() {
         "boot" => Ok("booted".to_string()),
