@@ -1,8 +1,108 @@
-//! How the host kernel treats guest memory: never shared with a child, never in a core dump,
-//! and in transparent huge pages where the host allows them.
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+//! Guest RAM's host mappings, and how the host kernel treats them: placed so KVM can map
+//! them with huge pages, never shared with a child, never in a core dump, and in transparent
+//! huge pages where the host allows them.
+use std::os::fd::AsRawFd;
+
+use vm_memory::{
+    mmap::MmapRegionBuilder, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
+};
 
 use crate::devices::virtio::GuestMemory;
+
+/// The huge page size KVM's two-dimensional paging can use on x86 (below 1 GiB pages).
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Maps `size` bytes of guest RAM for guest-physical `gpa`: private anonymous memory, or the
+/// file `shared` (a memfd that a vhost-user back end maps too) `MAP_SHARED`.
+///
+/// The host address is congruent to `gpa` modulo 2 MiB. KVM maps a guest page with a huge
+/// page of its nested page table only where host virtual and guest physical addresses agree
+/// in their low 21 bits (and the host backs it with a huge page); a plain `mmap` of guest RAM
+/// lands anywhere 4 KiB-aligned, and then every guest access walks 4 KiB nested entries.
+/// QEMU aligns its RAM for the same reason.
+///
+/// The mapping is never unmapped (the region does not own it): guest RAM lives as long as
+/// the VMM process, which ends with its VM.
+pub fn map_guest_ram(
+    gpa: GuestAddress,
+    size: usize,
+    shared: Option<FileOffset>,
+) -> std::io::Result<GuestRegionMmap<()>> {
+    let err = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
+    let total = size
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| err("guest RAM size overflows"))?;
+    // SAFETY: a fresh, inaccessible reservation at an address of the kernel's choice; no
+    // existing mapping is affected.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let want = (gpa.0 as usize) & (HUGE_PAGE - 1);
+    let mut addr = (base & !(HUGE_PAGE - 1)) + want;
+    if addr < base {
+        addr += HUGE_PAGE;
+    }
+    // base <= addr < base + HUGE_PAGE, so [addr, addr + size) lies inside the reservation.
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let (flags, fd, offset) = match &shared {
+        Some(f) => (libc::MAP_SHARED, f.file().as_raw_fd(), f.start()),
+        None => (
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        ),
+    };
+    // SAFETY: MAP_FIXED replaces only pages of our own reservation (see above).
+    let mapped = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            size,
+            prot,
+            flags | libc::MAP_FIXED,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    let mapped_err = (mapped == libc::MAP_FAILED).then(std::io::Error::last_os_error);
+    // SAFETY: unmapping the parts of our reservation around the guest RAM mapping (or all of
+    // it if that failed); nothing else lives there.
+    unsafe {
+        if let Some(e) = mapped_err {
+            libc::munmap(base as *mut libc::c_void, total);
+            return Err(e);
+        }
+        if addr > base {
+            libc::munmap(base as *mut libc::c_void, addr - base);
+        }
+        libc::munmap(
+            (addr + size) as *mut libc::c_void,
+            base + total - (addr + size),
+        );
+    }
+    let mut builder = MmapRegionBuilder::new(size)
+        .with_mmap_prot(prot)
+        .with_mmap_flags(flags);
+    if let Some(f) = shared {
+        builder = builder.with_file_offset(f);
+    }
+    // SAFETY: [addr, addr + size) is the live mapping made above, which nothing unmaps.
+    let region = unsafe { builder.with_raw_mmap_pointer(addr as *mut u8) }
+        .build()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    GuestRegionMmap::new(region, gpa).ok_or_else(|| err("guest RAM region overflows"))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryAdviceError {
@@ -63,6 +163,42 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     /// The advice must hold: a forked child does not see guest memory at all.
+    #[test]
+    fn guest_ram_is_placed_for_huge_pages() {
+        for gpa in [0u64, 4 << 30, (1 << 20) + 0x3000] {
+            let r = map_guest_ram(GuestAddress(gpa), 8 << 20, None).unwrap();
+            let host = r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+            assert_eq!(host % HUGE_PAGE, gpa as usize % HUGE_PAGE, "gpa {gpa:#x}");
+            let mem = GuestMemoryMmap::from_regions(vec![r]).unwrap();
+            mem.write_obj(0xa5u8, GuestAddress(gpa + (8 << 20) - 1))
+                .unwrap();
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(gpa)).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn shared_guest_ram_is_the_files_pages() {
+        // SAFETY: a fresh memfd, owned by the File right away.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: as above.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(4 << 20).unwrap();
+        let r = map_guest_ram(
+            GuestAddress(0),
+            4 << 20,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )
+        .unwrap();
+        let host = r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+        assert_eq!(host % HUGE_PAGE, 0);
+        let mem = GuestMemoryMmap::from_regions(vec![r]).unwrap();
+        mem.write_obj(0x5au8, GuestAddress(0x1234)).unwrap();
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_at(&file, &mut b, 0x1234).unwrap();
+        assert_eq!(b[0], 0x5a, "the mapping is not the file's pages");
+    }
+
     #[test]
     fn guest_memory_is_not_inherited_by_a_child() {
         let mem: GuestMemory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();

@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use super::FsError;
 use crate::devices::virtio::GuestMemory;
@@ -21,14 +21,10 @@ pub fn shared_guest_memory(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemo
         .iter()
         .map(|&(start, size)| {
             let file = memfd(size)?;
-            let mapping = MmapRegion::<()>::from_file(FileOffset::new(file, 0), size)
-                .map_err(|e| FsError::GuestMemory(format!("mapping {size:#x} bytes: {e}")))?;
-            GuestRegionMmap::new(mapping, start).ok_or_else(|| {
-                FsError::GuestMemory(format!(
-                    "region at {:#x} of {size:#x} bytes overflows the address space",
-                    start.0
-                ))
-            })
+            crate::vstate::memory::map_guest_ram(start, size, Some(FileOffset::new(file, 0)))
+                .map_err(|e| {
+                    FsError::GuestMemory(format!("mapping {size:#x} bytes at {:#x}: {e}", start.0))
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(|e| FsError::GuestMemory(e.to_string()))
