@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
@@ -148,11 +148,55 @@ fn guest_memory(cfg: &VmConfig) -> Result<GuestMemory, BuildError> {
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
     if cfg.fs.is_empty() {
-        GuestMemoryMmap::from_ranges(&ranges).map_err(|e| BuildError::Memory(e.to_string()))
+        let regions = ranges
+            .iter()
+            .map(|&(gpa, len)| crate::vstate::memory::map_guest_ram(gpa, len, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BuildError::Memory(e.to_string()))?;
+        GuestMemoryMmap::from_regions(regions).map_err(|e| BuildError::Memory(e.to_string()))
     } else {
         // vhost-user back ends map guest memory themselves: it must be memfd-backed.
         fs::shared_guest_memory(&ranges).map_err(|e| BuildError::Memory(e.to_string()))
     }
+}
+
+/// The KVM VM with guest memory registered and its vCPUs configured, and how long each of
+/// those three took.
+fn set_up_kvm(
+    mem: &GuestMemory,
+    num_cpus: u8,
+) -> Result<(Vm, Vec<Vcpu>, [Duration; 3]), BuildError> {
+    let t = Instant::now();
+    let vm = Vm::new()?;
+    let created = t.elapsed();
+    vm.register_memory(mem)?;
+    let registered = t.elapsed();
+    let mut vcpus = Vec::with_capacity(num_cpus.into());
+    for id in 0..num_cpus {
+        let v = Vcpu::new(&vm.fd, id)?;
+        v.configure(&vm.kvm, num_cpus)?;
+        vcpus.push(v);
+    }
+    Ok((
+        vm,
+        vcpus,
+        [created, registered - created, t.elapsed() - registered],
+    ))
+}
+
+/// Loads kernel and initramfs and writes the PVH boot structures and the MP table; returns
+/// the kernel's entry point.
+fn load_guest(cfg: &VmConfig, mem: &GuestMemory) -> Result<pvh::LoadedKernel, BuildError> {
+    let ram = layout::ram_ranges(cfg.mem_mib << 20);
+    let kernel = pvh::load_kernel(mem, &cfg.kernel)?;
+    let initrd = match &cfg.initramfs {
+        Some(p) => Some(pvh::load_initrd(mem, p, kernel.kernel_end)?),
+        None => None,
+    };
+    pvh::write_gdt(mem)?;
+    pvh::write_start_info(mem, &ram, initrd)?;
+    mptable::setup(mem, cfg.vcpus)?;
+    Ok(kernel)
 }
 
 fn serial_writer(out: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
@@ -182,23 +226,26 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     }
     let mut profile = StartupProfile::new(start);
     profile.mark("process");
-    let vm = Vm::new()?;
-    profile.mark("kvm");
     let mem = guest_memory(&cfg)?;
     crate::vstate::memory::advise(&mem).map_err(|e| BuildError::Memory(e.to_string()))?;
-    vm.register_memory(&mem)?;
     profile.mark("memory");
-    let ram = layout::ram_ranges(cfg.mem_mib << 20);
-
-    let kernel = pvh::load_kernel(&mem, &cfg.kernel)?;
-    let initrd = match &cfg.initramfs {
-        Some(p) => Some(pvh::load_initrd(&mem, p, kernel.kernel_end)?),
-        None => None,
-    };
-    pvh::write_gdt(&mem)?;
-    pvh::write_start_info(&mem, &ram, initrd)?;
-    mptable::setup(&mem, cfg.vcpus)?;
-    profile.mark("kernel+initramfs");
+    // KVM's VM set-up and the guest's loading (page faults, file reads) do not depend on
+    // each other; on a host whose KVM ioctls are slow (nested, PVM) each takes milliseconds,
+    // so they run side by side.
+    let (vm, vcpus, kernel) = std::thread::scope(|s| {
+        let kvm_setup = std::thread::Builder::new()
+            .name("husk-kvm-setup".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn_scoped(s, || set_up_kvm(&mem, cfg.vcpus))?;
+        let kernel = load_guest(&cfg, &mem);
+        profile.mark("kernel+initramfs");
+        let (vm, vcpus, took) = kvm_setup.join().expect("the KVM set-up thread panicked")?;
+        profile.mark("waiting for kvm");
+        for (name, d) in ["kvm", "memory slots", "vcpus"].into_iter().zip(took) {
+            profile.beside(name, d);
+        }
+        Ok::<_, BuildError>((vm, vcpus, kernel?))
+    })?;
 
     let exit = Arc::new(VmExit::new()?);
     let panicked = Arc::new(AtomicBool::new(false));
@@ -311,13 +358,8 @@ pub fn build(mut cfg: VmConfig, start: Instant) -> Result<BuiltVm, BuildError> {
     pvh::write_cmdline(&mem, &cmdline)?;
 
     profile.mark("devices");
-    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-    for id in 0..cfg.vcpus {
-        let v = Vcpu::new(&vm.fd, id)?;
-        v.configure(&vm.kvm, cfg.vcpus, kernel.entry.0)?;
-        vcpus.push(v);
-    }
-    profile.mark("vcpus");
+    vcpus[0].set_boot_entry(kernel.entry.0)?;
+    profile.mark("boot entry");
     tracing::info!("VM built: {profile}");
     Ok(BuiltVm {
         vm,

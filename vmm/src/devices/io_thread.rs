@@ -38,6 +38,7 @@ pub fn spawn(
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
     let handle = std::thread::Builder::new()
         .name(name.to_string())
+        .stack_size(crate::THREAD_STACK_SIZE)
         .spawn(move || {
             // The epoll fd comes first: the filter does not allow making one.
             let mut em = match EventManager::<Subscriber>::new() {

@@ -142,8 +142,9 @@ impl Vcpu {
         })
     }
 
-    /// Configures the vCPU; the boot processor also gets PVH entry state.
-    pub fn configure(&self, kvm: &Kvm, num_cpus: u8, entry: u64) -> Result<(), VcpuError> {
+    /// Configures the vCPU (CPUID, MSRs, FPU, LAPIC); the boot processor then needs
+    /// `set_boot_entry`.
+    pub fn configure(&self, kvm: &Kvm, num_cpus: u8) -> Result<(), VcpuError> {
         let mut cpuid = self.cfg("CPUID", kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))?;
         let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         filter_cpuid(&mut cpuid, self.id, num_cpus, tsc_deadline);
@@ -200,33 +201,37 @@ impl Vcpu {
             }
         }
         self.cfg("LAPIC", self.fd.set_lapic(&lapic))?;
+        Ok(())
+    }
 
-        if self.id == 0 {
-            let mut sregs = self.cfg("segment registers", self.fd.get_sregs())?;
-            sregs.gdt.base = GDT_ADDR;
-            sregs.gdt.limit = 31;
-            sregs.idt.base = IDT_ADDR;
-            sregs.idt.limit = 7;
-            sregs.cs = segment(0x08, 0xb, 1);
-            let data = segment(0x10, 0x3, 1);
-            (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-            sregs.tr = segment(0x18, 0xb, 0);
-            sregs.cr0 = 0x11; // PE | ET: 32-bit protected mode, paging off, as PVH requires
-            sregs.cr4 = 0;
-            sregs.efer = 0;
-            self.cfg("segment registers", self.fd.set_sregs(&sregs))?;
-            let mut regs = self.cfg("registers", self.fd.get_regs())?;
-            regs.rip = entry;
-            regs.rbx = PVH_INFO_ADDR;
-            regs.rflags = 2;
-            self.cfg("registers", self.fd.set_regs(&regs))?;
-        }
+    /// The PVH entry state of the boot processor: 32-bit protected mode at `entry`, with the
+    /// start info's address in rbx.
+    pub fn set_boot_entry(&self, entry: u64) -> Result<(), VcpuError> {
+        let mut sregs = self.cfg("segment registers", self.fd.get_sregs())?;
+        sregs.gdt.base = GDT_ADDR;
+        sregs.gdt.limit = 31;
+        sregs.idt.base = IDT_ADDR;
+        sregs.idt.limit = 7;
+        sregs.cs = segment(0x08, 0xb, 1);
+        let data = segment(0x10, 0x3, 1);
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.tr = segment(0x18, 0xb, 0);
+        sregs.cr0 = 0x11; // PE | ET: 32-bit protected mode, paging off, as PVH requires
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        self.cfg("segment registers", self.fd.set_sregs(&sregs))?;
+        let mut regs = self.cfg("registers", self.fd.get_regs())?;
+        regs.rip = entry;
+        regs.rbx = PVH_INFO_ADDR;
+        regs.rflags = 2;
+        self.cfg("registers", self.fd.set_regs(&regs))?;
         Ok(())
     }
 
     pub fn spawn(mut self, shared: VcpuShared) -> Result<JoinHandle<()>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
+            .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
                 let id = self.id;
                 // A panic (debug builds unwind; release builds abort the process) would end

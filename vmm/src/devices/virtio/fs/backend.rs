@@ -87,6 +87,7 @@ impl Backend {
         };
         let thread = thread::Builder::new()
             .name("husk-fs-vhost".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
                 for job in rx {
                     match job {

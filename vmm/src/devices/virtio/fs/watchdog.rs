@@ -45,6 +45,7 @@ impl Watchdog {
         let thread_fired = Arc::clone(&fired);
         let thread = thread::Builder::new()
             .name("husk-fs-watch".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
                 let mut armed: Option<(Instant, &'static str)> = None;
                 loop {
