@@ -15,6 +15,17 @@
 //! KVM_RUN, phase by phase (from husk-vmm's log), and kills the VM right there. It needs only
 //! a `/dev/kvm` that can create VMs, so it also runs on hosts where guests would be emulated
 //! (a PVM host), outside the lab.
+//!
+//! `--agent-ready [--peer BIN_DIR GUEST_DIR]` boots the pod initramfs (the agent as init)
+//! and times VMM start → the agent listening on vsock → its first answer, alternating with
+//! a peer build's husk-vmm and guest image when given (see bench_vmm/agent_ready.rs).
+//!
+//! `--kernel-log` boots the guest once under each VMM with testinit's `kmsg` test and prints
+//! the largest gaps between the kernel's log records: where the kernel's own time goes
+//! (`HUSK_BENCH_KMSG_ALL=1` prints the whole logs too).
+#[path = "bench_vmm/agent_ready.rs"]
+mod agent_ready;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -310,7 +321,69 @@ const JAIL_STEPS: [&str; 6] = [
     "privileges",
 ];
 
+/// The guest kernel's log under one VMM: (µs since the kernel's clock started, message).
+fn kernel_log(mut c: Command) -> Vec<(u64, String)> {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("spawn VMM");
+    let out = child.stdout.take().unwrap();
+    let mut log = Vec::new();
+    for line in BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if let Some((_, rec)) = line.split_once("husk-testinit: kmsg ") {
+            if let Some((us, msg)) = rec.split_once(' ') {
+                log.extend(us.parse().ok().map(|us| (us, msg.to_string())));
+            }
+        }
+    }
+    let _ = child.wait();
+    assert!(!log.is_empty(), "the guest printed no kernel log");
+    log
+}
+
+/// Where the guest kernel's boot time goes under each VMM: the largest gaps between its
+/// successive log records (the record that ends each gap names what took the time).
+fn kernel_log_table(top: usize) {
+    husk_tests::require_kvm();
+    for (name, c) in [
+        ("husk-vmm", husk_cmd("kmsg")),
+        ("QEMU microvm", qemu_cmd("kmsg")),
+    ] {
+        let log = kernel_log(c);
+        let mut gaps: Vec<(u64, u64, &str)> = log
+            .windows(2)
+            .map(|w| (w[1].0.saturating_sub(w[0].0), w[1].0, w[1].1.as_str()))
+            .collect();
+        gaps.sort_by_key(|g| std::cmp::Reverse(g.0));
+        let last = log.last().map_or(0, |r| r.0);
+        println!(
+            "{name}: {} kernel log records, the last at {:.1} ms; the {top} largest gaps",
+            log.len(),
+            last as f64 / 1000.0
+        );
+        println!("| gap (ms) | at (ms) | the record after the gap |");
+        println!("| --- | --- | --- |");
+        for (gap, at, msg) in gaps.iter().take(top) {
+            println!(
+                "| {:.1} | {:.1} | {} |",
+                *gap as f64 / 1000.0,
+                *at as f64 / 1000.0,
+                msg.replace('|', "/")
+            );
+        }
+        if std::env::var_os("HUSK_BENCH_KMSG_ALL").is_some() {
+            for (us, msg) in &log {
+                println!("{name} [{:>10.3}] {msg}", *us as f64 / 1000.0);
+            }
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--kernel-log") {
+        return kernel_log_table(15);
+    }
     let runs: usize = std::env::args()
         .skip_while(|a| a != "--runs")
         .nth(1)
@@ -319,7 +392,20 @@ fn main() {
     if std::env::args().any(|a| a == "--startup") {
         return startup_table(runs);
     }
+    if std::env::args().any(|a| a == "--agent-ready") {
+        let this = agent_ready::Build {
+            name: "this build".into(),
+            bin_dir: husk_tests::bin_dir(),
+            guest_dir: husk_tests::guest_dir(),
+        };
+        return agent_ready::table(this, agent_ready::peer_from_args(), runs);
+    }
     husk_tests::require_kvm();
+    // One unmeasured boot each first. Under the lab's TCG the first VM of a lab boot runs on
+    // RAM no earlier guest ran code from; every later one pays for QEMU invalidating its
+    // translations of the pages it reuses (about a second here), so the first is no sample.
+    boot_once(husk_cmd("boot"), false);
+    boot_once(qemu_cmd("boot"), false);
     let (mut husk, mut jailed, mut qemu) = (vec![], vec![], vec![]);
     // Per run under each VMM: (VMM start → kernel clock start, kernel → init), ms.
     let (mut husk_phases, mut qemu_phases) = (vec![], vec![]);

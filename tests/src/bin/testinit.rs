@@ -3,7 +3,7 @@
 //! `husk_test` kernel parameter, prints `husk-testinit: <test> PASS|FAIL <detail>`, and
 //! reboots (with `reboot=k` that ends the VM).
 //!
-//! Tests: `boot` (nothing more), `smp` (all CPUs online), `vsock` (echo server on vsock
+//! Tests: `boot` (nothing more), `smp` (all CPUs online), `kmsg` (the kernel's log), `vsock` (echo server on vsock
 //! port 1024, then a connect to host port 5000), `block` (pattern on /dev/vda, read back
 //! with O_DIRECT; /dev/vdb must refuse writes; both disks' serials reported), `net` (address from `husk_net=GUEST/PREFIX,HOST`,
 //! then ICMP echo to HOST), `fs` (mount virtio-fs tag `husk_fs`, read hello.txt, write
@@ -47,6 +47,7 @@ fn main() {
             Ok("held".to_string())
         }
         "smp" => smp(),
+        "kmsg" => kmsg(),
         "vsock" => vsock(),
         "block" => block(),
         "net" => net(),
@@ -109,6 +110,37 @@ fn smp() -> R {
     let online =
         std::fs::read_to_string("/sys/devices/system/cpu/online").map_err(|e| e.to_string())?;
     Ok(format!("online={}", online.trim()))
+}
+
+/// Prints the kernel's log records (from /dev/kmsg, each with its timestamp in µs), so a
+/// benchmark can see where a boot's kernel time goes without a slow console printing it.
+fn kmsg() -> R {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .map_err(|e| format!("/dev/kmsg: {e}"))?;
+    // One record per read; EAGAIN once the log is drained.
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(len) => {
+                let rec = String::from_utf8_lossy(&buf[..len]);
+                // "prio,seq,usec,flags;message\n"
+                if let Some((head, msg)) = rec.split_once(';') {
+                    let usec = head.split(',').nth(2).unwrap_or("?");
+                    println!("husk-testinit: kmsg {usec} {}", msg.trim_end());
+                    n += 1;
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    Ok(format!("{n} records"))
 }
 
 fn vsock_socket() -> Result<OwnedFd, String> {
