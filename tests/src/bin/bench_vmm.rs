@@ -28,7 +28,9 @@ mod agent_ready;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+
+use husk_tests::bench::ms;
 use std::time::{Duration, Instant};
 
 const MARKER: &str = "husk-testinit: userspace reached";
@@ -95,29 +97,34 @@ fn qemu_cmd(test: &str) -> Command {
     c
 }
 
-/// Time to the marker line, and the VMM's resident memory outside guest RAM (KiB) sampled
-/// right after the marker.
 const GUEST_CLOCK: &str = "husk-testinit: guest clock at init ";
 
-/// One boot: the time to the marker (host clock), the VMM's RSS outside guest RAM when
-/// asked, and the guest's own clock at init (from its kernel's start).
+/// Starts the VMM with its console on a pipe: the child and the console's lines.
+fn spawn_console(mut c: Command) -> (Child, impl Iterator<Item = String>) {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().expect("spawn VMM");
+    let out = child.stdout.take().unwrap();
+    (child, BufReader::new(out).lines().map_while(Result::ok))
+}
+
+/// Time to the marker line, and the VMM's resident memory outside guest RAM (KiB) sampled
+/// right after the marker.
 fn boot_once(c: Command, sample_rss: bool) -> (Duration, Option<u64>) {
     let (boot, rss, _) = boot_phases(c, sample_rss);
     (boot, rss)
 }
 
-fn boot_phases(mut c: Command, sample_rss: bool) -> (Duration, Option<u64>, Option<Duration>) {
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+/// One boot: the time to the marker (host clock), the VMM's RSS outside guest RAM when
+/// asked, and the guest's own clock at init (from its kernel's start).
+fn boot_phases(c: Command, sample_rss: bool) -> (Duration, Option<u64>, Option<Duration>) {
     let start = Instant::now();
-    let mut child = c.spawn().expect("spawn VMM");
-    let out = child.stdout.take().unwrap();
+    let (mut child, console) = spawn_console(c);
     let mut boot = None;
     let mut rss = None;
     let mut guest = None;
-    for line in BufReader::new(out).lines() {
-        let Ok(line) = line else { break };
+    for line in console {
         if let Some((_, rest)) = line.split_once(GUEST_CLOCK) {
             guest = rest
                 .trim_end_matches(" s")
@@ -198,7 +205,6 @@ fn vsock_round_trip() -> Duration {
 /// A boot's two phases in ms: VMM start → the guest kernel's clock starts (the host-measured
 /// boot less the guest's clock at init), and kernel → init (the guest's clock).
 fn split(boot: Duration, kernel: Duration) -> (f64, f64) {
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     (ms(boot) - ms(kernel), ms(kernel))
 }
 
@@ -322,15 +328,10 @@ const JAIL_STEPS: [&str; 6] = [
 ];
 
 /// The guest kernel's log under one VMM: (µs since the kernel's clock started, message).
-fn kernel_log(mut c: Command) -> Vec<(u64, String)> {
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().expect("spawn VMM");
-    let out = child.stdout.take().unwrap();
+fn kernel_log(c: Command) -> Vec<(u64, String)> {
+    let (mut child, console) = spawn_console(c);
     let mut log = Vec::new();
-    for line in BufReader::new(out).lines() {
-        let Ok(line) = line else { break };
+    for line in console {
         if let Some((_, rec)) = line.split_once("husk-testinit: kmsg ") {
             if let Some((us, msg)) = rec.split_once(' ') {
                 log.extend(us.parse().ok().map(|us| (us, msg.to_string())));

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use husk_tests::bench::{median, ms};
+
 /// The agent's ttrpc port (husk_proto::AGENT_VSOCK_PORT).
 const AGENT_PORT: u32 = husk_proto::AGENT_VSOCK_PORT;
 const POD_MEM_MIB: &str = "256";
@@ -21,7 +23,7 @@ pub struct Build {
 }
 
 /// (VMM start → agent listening, VMM start → first answer).
-fn boot_once(b: &Build, run: usize) -> (Duration, Duration) {
+fn boot_once(rt: &tokio::runtime::Runtime, b: &Build, run: usize) -> [Duration; 2] {
     let dir = std::env::temp_dir().join(format!("husk-bench-agent-{}-{run}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -42,10 +44,6 @@ fn boot_once(b: &Build, run: usize) -> (Duration, Duration) {
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let start = Instant::now();
     let mut child = c.spawn().expect("spawn husk-vmm");
     let times = rt.block_on(async {
@@ -76,7 +74,7 @@ fn boot_once(b: &Build, run: usize) -> (Duration, Duration) {
             )
             .await
             .expect("Health.Check");
-        (listening, start.elapsed())
+        [listening, start.elapsed()]
     });
     let _ = child.kill();
     let _ = child.wait();
@@ -94,31 +92,29 @@ fn check(b: &Build) {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// Boots `this` and each peer alternately, `runs` times each, and prints the table.
 pub fn table(this: Build, peer: Option<Build>, runs: usize) {
     husk_tests::require_kvm();
     let builds: Vec<Build> = std::iter::once(this).chain(peer).collect();
     builds.iter().for_each(check);
-    let mut times: Vec<(Vec<f64>, Vec<f64>)> = builds.iter().map(|_| (vec![], vec![])).collect();
+    // Per build: [listening, answered] samples in ms.
+    let mut times: Vec<[Vec<f64>; 2]> = builds.iter().map(|_| [vec![], vec![]]).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     for run in 0..runs {
         for (b, t) in builds.iter().zip(&mut times) {
-            let (l, a) = boot_once(b, run);
+            let [l, a] = boot_once(&rt, b, run).map(ms);
             eprintln!(
-                "run {}/{runs} {}: listening {:.0} ms, answered {:.0} ms",
+                "run {}/{runs} {}: listening {l:.0} ms, answered {a:.0} ms",
                 run + 1,
-                b.name,
-                ms(l),
-                ms(a)
+                b.name
             );
-            t.0.push(ms(l));
-            t.1.push(ms(a));
+            t[0].push(l);
+            t[1].push(a);
         }
     }
-    let med = |v: &[f64]| husk_tests::bench::median(v.to_vec());
     println!("VMM start → pod agent ready ({runs} alternating runs each, {POD_MEM_MIB} MiB, 1 vCPU; medians)");
     let names: Vec<&str> = builds.iter().map(|b| b.name.as_str()).collect();
     println!(
@@ -130,14 +126,11 @@ pub fn table(this: Build, peer: Option<Build>, runs: usize) {
         "|---|{}",
         "---|".repeat(builds.len() + usize::from(builds.len() > 1))
     );
-    for (label, pick) in [
-        ("VMM start → agent listening (ms)", 0usize),
+    for (label, i) in [
+        ("VMM start → agent listening (ms)", 0),
         ("VMM start → first Health.Check answered (ms)", 1),
     ] {
-        let v: Vec<f64> = times
-            .iter()
-            .map(|t| med(if pick == 0 { &t.0 } else { &t.1 }))
-            .collect();
+        let v: Vec<f64> = times.iter().map(|t| median(t[i].clone())).collect();
         let cells: Vec<String> = v.iter().map(|m| format!("{m:.0}")).collect();
         let ratio = if v.len() > 1 {
             format!(" {:.2} |", v[0] / v[1])
