@@ -20,15 +20,25 @@
 //! and times VMM start → the agent listening on vsock → its first answer, alternating with
 //! a peer build's husk-vmm and guest image when given (see bench_vmm/agent_ready.rs).
 //!
+//! Every boot is preceded by a scrub of host RAM (bench_vmm/scrub.rs: under the lab's TCG a
+//! VM on pages an earlier guest ran code from boots a second slower); `--no-scrub` leaves
+//! it out, to see that effect.
+//!
 //! `--kernel-log` boots the guest once under each VMM with testinit's `kmsg` test and prints
 //! the largest gaps between the kernel's log records: where the kernel's own time goes
 //! (`HUSK_BENCH_KMSG_ALL=1` prints the whole logs too).
 #[path = "bench_vmm/agent_ready.rs"]
 mod agent_ready;
+#[path = "bench_vmm/scrub.rs"]
+mod scrub;
+#[path = "bench_vmm/stage.rs"]
+mod stage;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 
 use husk_tests::bench::ms;
 use std::time::{Duration, Instant};
@@ -36,9 +46,16 @@ use std::time::{Duration, Instant};
 const MARKER: &str = "husk-testinit: userspace reached";
 const MEM_MIB: u64 = 128;
 
+/// The staged husk-vmm, vmlinux and testinit.cpio (see bench_vmm/stage.rs).
+static STAGED: OnceLock<PathBuf> = OnceLock::new();
+
+fn staged() -> &'static Path {
+    STAGED.get().expect("the bench's files are staged first")
+}
+
 fn husk_cmd(test: &str) -> Command {
-    let g = husk_tests::guest_dir();
-    let mut c = Command::new(husk_tests::bin_dir().join("husk-vmm"));
+    let g = staged();
+    let mut c = Command::new(g.join("husk-vmm"));
     c.arg("--kernel").arg(g.join("vmlinux"));
     c.arg("--initramfs").arg(g.join("testinit.cpio"));
     c.args([
@@ -53,7 +70,8 @@ fn husk_cmd(test: &str) -> Command {
 /// husk-vmm as the sandbox layer runs it: jailed (own PID, mount, IPC and UTS namespaces, a
 /// uid of the jail range, limits) in a fresh directory.
 fn husk_jailed_cmd(test: &str, run: usize) -> Command {
-    let dir = std::env::temp_dir().join(format!("husk-bench-jail-{}-{run}", std::process::id()));
+    // Inside the stage directory, so that it goes with it.
+    let dir = staged().join(format!("jail-{run}"));
     let _ = std::fs::remove_dir_all(&dir);
     let id = (husk_shim::sandbox::jail::UID_BASE + 7000 + run as u32).to_string();
     let mut c = husk_cmd(test);
@@ -62,7 +80,7 @@ fn husk_jailed_cmd(test: &str, run: usize) -> Command {
 }
 
 fn qemu_cmd(test: &str) -> Command {
-    let g = husk_tests::guest_dir();
+    let g = staged();
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-machine",
@@ -119,6 +137,7 @@ fn boot_once(c: Command, sample_rss: bool) -> (Duration, Option<u64>) {
 /// One boot: the time to the marker (host clock), the VMM's RSS outside guest RAM when
 /// asked, and the guest's own clock at init (from its kernel's start).
 fn boot_phases(c: Command, sample_rss: bool) -> (Duration, Option<u64>, Option<Duration>) {
+    scrub::before_boot();
     let start = Instant::now();
     let (mut child, console) = spawn_console(c);
     let mut boot = None;
@@ -329,6 +348,7 @@ const JAIL_STEPS: [&str; 6] = [
 
 /// The guest kernel's log under one VMM: (µs since the kernel's clock started, message).
 fn kernel_log(c: Command) -> Vec<(u64, String)> {
+    scrub::before_boot();
     let (mut child, console) = spawn_console(c);
     let mut log = Vec::new();
     for line in console {
@@ -382,17 +402,11 @@ fn kernel_log_table(top: usize) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--kernel-log") {
-        return kernel_log_table(15);
-    }
     let runs: usize = std::env::args()
         .skip_while(|a| a != "--runs")
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    if std::env::args().any(|a| a == "--startup") {
-        return startup_table(runs);
-    }
     if std::env::args().any(|a| a == "--agent-ready") {
         let this = agent_ready::Build {
             name: "this build".into(),
@@ -401,10 +415,22 @@ fn main() {
         };
         return agent_ready::table(this, agent_ready::peer_from_args(), runs);
     }
+    let stage = stage::Stage::new(
+        "boot",
+        &husk_tests::bin_dir(),
+        &husk_tests::guest_dir(),
+        &["vmlinux", "testinit.cpio"],
+    );
+    STAGED.set(stage.dir().to_owned()).unwrap();
+    if std::env::args().any(|a| a == "--kernel-log") {
+        return kernel_log_table(15);
+    }
+    if std::env::args().any(|a| a == "--startup") {
+        return startup_table(runs);
+    }
     husk_tests::require_kvm();
-    // One unmeasured boot each first. Under the lab's TCG the first VM of a lab boot runs on
-    // RAM no earlier guest ran code from; every later one pays for QEMU invalidating its
-    // translations of the pages it reuses (about a second here), so the first is no sample.
+    // One unmeasured boot each first, so that neither VMM's first start (its binary and
+    // libraries read in) is a sample.
     boot_once(husk_cmd("boot"), false);
     boot_once(qemu_cmd("boot"), false);
     let (mut husk, mut jailed, mut qemu) = (vec![], vec![], vec![]);
@@ -432,7 +458,12 @@ fn main() {
     let (hm, hmin, hmax) = stats(&mut husk);
     let (qm, qmin, qmax) = stats(&mut qemu);
     let (jm, jmin, jmax) = stats(&mut jailed);
-    println!("husk-vmm vs QEMU microvm ({runs} alternating runs each, 1 vCPU, {MEM_MIB} MiB, same kernel + initramfs)");
+    let scrubbed = if scrub::enabled() {
+        "host RAM scrubbed before each boot"
+    } else {
+        "no scrub (--no-scrub)"
+    };
+    println!("husk-vmm vs QEMU microvm ({runs} alternating runs each, 1 vCPU, {MEM_MIB} MiB, same kernel + initramfs; {scrubbed})");
     println!("| metric | husk-vmm | QEMU microvm | husk/QEMU |");
     println!("| --- | --- | --- | --- |");
     println!(

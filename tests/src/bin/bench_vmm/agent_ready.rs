@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::stage::Stage;
 use husk_tests::bench::{median, ms};
 
 /// The agent's ttrpc port (husk_proto::AGENT_VSOCK_PORT).
@@ -44,6 +45,7 @@ fn boot_once(rt: &tokio::runtime::Runtime, b: &Build, run: usize) -> [Duration; 
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    super::scrub::before_boot();
     let start = Instant::now();
     let mut child = c.spawn().expect("spawn husk-vmm");
     let times = rt.block_on(async {
@@ -97,6 +99,20 @@ pub fn table(this: Build, peer: Option<Build>, runs: usize) {
     husk_tests::require_kvm();
     let builds: Vec<Build> = std::iter::once(this).chain(peer).collect();
     builds.iter().for_each(check);
+    // Each build boots from its own staged copy (see bench_vmm/stage.rs).
+    let stages: Vec<Stage> = (builds.iter().enumerate())
+        .map(|(i, b)| {
+            let files = ["vmlinux", "husk-initramfs.cpio"];
+            Stage::new(&format!("agent{i}"), &b.bin_dir, &b.guest_dir, &files)
+        })
+        .collect();
+    let builds: Vec<Build> = (builds.into_iter().zip(&stages))
+        .map(|(b, s)| Build {
+            name: b.name,
+            bin_dir: s.dir().to_owned(),
+            guest_dir: s.dir().to_owned(),
+        })
+        .collect();
     // Per build: [listening, answered] samples in ms.
     let mut times: Vec<[Vec<f64>; 2]> = builds.iter().map(|_| [vec![], vec![]]).collect();
     let rt = tokio::runtime::Builder::new_current_thread()
