@@ -20,9 +20,10 @@
 //! and times VMM start → the agent listening on vsock → its first answer, alternating with
 //! a peer build's husk-vmm and guest image when given (see bench_vmm/agent_ready.rs).
 //!
-//! Every boot is preceded by a scrub of host RAM (bench_vmm/scrub.rs: under the lab's TCG a
-//! VM on pages an earlier guest ran code from boots a second slower); `--no-scrub` leaves
-//! it out, to see that effect.
+//! Both VMMs boot from one staged copy of husk-vmm, the kernel and the initramfs on local
+//! storage (bench_vmm/stage.rs), and every boot is preceded by a scrub of host RAM
+//! (bench_vmm/scrub.rs: under the lab's TCG a VM on pages an earlier guest ran code from
+//! boots a second slower); `--no-scrub` leaves the scrub out, to see that effect.
 //!
 //! `--kernel-log` boots the guest once under each VMM with testinit's `kmsg` test and prints
 //! the largest gaps between the kernel's log records: where the kernel's own time goes
