@@ -16,8 +16,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
+use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
+
+use crate::exec_seccomp::SeccompExecutor;
 
 /// What the agent asks the helper to do.
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,10 +154,25 @@ fn exec(
     process_json: &Path,
     console_socket: Option<PathBuf>,
 ) -> Result<Option<i32>, String> {
-    let pid = ContainerBuilder::new(container_id, SyscallType::default())
+    // The spec libcontainer created the container from: its seccomp filter is the exec'd
+    // process's too (exec_seccomp.rs).
+    let container = Container::load(root.join(&container_id)).map_err(|e| chain(&e))?;
+    let spec_path = container.bundle().join("config.json");
+    let spec = Spec::load(&spec_path).map_err(|e| {
+        format!(
+            "read the container's spec {}: {}",
+            spec_path.display(),
+            chain(&e)
+        )
+    })?;
+    let mut builder = ContainerBuilder::new(container_id, SyscallType::default())
         .with_root_path(root)
         .map_err(|e| chain(&e))?
-        .with_console_socket(console_socket)
+        .with_console_socket(console_socket);
+    if let Some(executor) = SeccompExecutor::for_container(&spec) {
+        builder = builder.with_executor(executor);
+    }
+    let pid = builder
         .as_tenant()
         .with_detach(true)
         .with_process(Some(process_json))

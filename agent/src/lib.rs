@@ -9,6 +9,7 @@ pub mod cgroups;
 pub mod config;
 pub mod container;
 pub mod error;
+pub mod exec_seccomp;
 pub mod fdio;
 pub mod helper;
 pub mod ids;

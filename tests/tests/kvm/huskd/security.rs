@@ -1,8 +1,9 @@
 //! The container security context through huskd, taking effect inside the pod's VM: a
 //! non-root user named in the image's passwd (with its /etc/group membership and a
 //! supplemental group), a read-only rootfs, a dropped capability, no_new_privs, a
-//! Localhost seccomp profile and RuntimeDefault; bad security contexts and a host-network
-//! pod are refused with InvalidArgument before anything runs.
+//! Localhost seccomp profile (also on a process exec'd into the container) and
+//! RuntimeDefault; bad security contexts and a host-network pod are refused with
+//! InvalidArgument before anything runs.
 use std::path::Path;
 use std::time::Duration;
 
@@ -229,6 +230,48 @@ fn the_security_context_takes_effect_in_the_guest() {
             }
             lap(name);
         }
+
+        // A process exec'd into a running container runs under the container's filter,
+        // as with runc; without no_new_privs in the spec it gets it (agent's
+        // exec_seccomp.rs): the kernel's condition for loading a filter without
+        // capabilities.
+        let mut cfg = container_config("seccomp-exec", &image, &["sleep", "600"]);
+        cfg.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                seccomp: profile(2, &profile_path.display().to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let id = run_container(&mut c, huskd, &pod, cfg, &sandbox).await;
+        let r =
+            c.rt.exec_sync(cri::ExecSyncRequest {
+                container_id: id,
+                cmd: [
+                    "sh",
+                    "-c",
+                    "mkdir /tmp/e 2>&1; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
+                ]
+                .map(String::from)
+                .to_vec(),
+                timeout: 60,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ExecSync: {e}\nhuskd log:\n{}", huskd.log()))
+            .into_inner();
+        let lines: Vec<String> = String::from_utf8_lossy(&r.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        for w in [
+            "mkdir: can't create directory '/tmp/e': Operation not permitted",
+            "Seccomp: 2",
+            "NoNewPrivs: 1",
+        ] {
+            assert!(has(&lines, w), "seccomp-exec: want {w:?} in {lines:?}");
+        }
+        lap("seccomp-exec");
 
         f.remove_pod_and_assert_nothing_left(&mut c, &pod).await;
         lap("pod removed");
