@@ -9,6 +9,9 @@
 //! was killed. The pod's CNI network is carried into the VM by
 //! [`crate::sandbox::pod_network`]; the pod's host cgroup by [`crate::sandbox::host_cgroup`].
 
+mod agent_stdio;
+mod share;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,7 +21,6 @@ use containerd_shim::protos::cgroups_v2::metrics as m2;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::Message;
 use husk_proto::agent as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
 use super::error::{Error, Result};
@@ -31,7 +33,10 @@ use super::stdio::ProcessIo;
 use crate::sandbox::pod_network;
 use crate::sandbox::vm::{ShareSpec, VmSpec};
 use crate::sandbox::{Sandbox, SandboxConfig};
+use agent_stdio::{output_reader, stdin_writer};
 use husk_agent_client::{ctx, Agent};
+pub(super) use share::remove_share;
+use share::{share_container, unmount_all};
 
 /// The virtio-fs tag of the pod's shared directory.
 const SHARE_TAG: &str = "pod";
@@ -87,101 +92,6 @@ fn agent_err(call: &'static str, e: husk_proto::ttrpc::Error) -> Error {
     Error::Agent(husk_agent_client::AgentError::call(call, e))
 }
 
-fn mount(
-    source: &Path,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> Result<()> {
-    nix::mount::mount(
-        Some(source),
-        target,
-        fstype,
-        nix::mount::MsFlags::from_bits_truncate(flags),
-        data,
-    )
-    .map_err(|e| {
-        Error::io(
-            format!("mount {} on {}", source.display(), target.display()),
-            e.into(),
-        )
-    })
-}
-
-fn unmount_all(points: &[PathBuf]) {
-    for p in points.iter().rev() {
-        if let Err(e) = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!("unmount {}: {e}", p.display());
-        }
-    }
-}
-
-/// Makes `container`'s rootfs and host binds visible in the share; returns the mount points
-/// made (for unmounting) and the agent mounts for the binds.
-fn share_container(
-    share: &Path,
-    req: &ContainerRequest,
-    binds: &[pod_spec::HostBind],
-) -> Result<(Vec<PathBuf>, Vec<pb::Mount>)> {
-    let mut points = Vec::new();
-    let result = (|| {
-        let rootfs = req.bundle.join("rootfs");
-        std::fs::create_dir_all(&rootfs).map_err(|e| Error::io("create the bundle rootfs", e))?;
-        for m in &req.rootfs {
-            if m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind") {
-                mount(
-                    Path::new(&m.source),
-                    &rootfs,
-                    None,
-                    libc::MS_BIND | libc::MS_REC,
-                    None,
-                )?;
-            } else {
-                let data = m.options.join(",");
-                mount(Path::new(&m.source), &rootfs, Some(&m.kind), 0, Some(&data))?;
-            }
-            points.push(rootfs.clone());
-        }
-        let dir = share.join(&req.id);
-        let target = dir.join("rootfs");
-        std::fs::create_dir_all(&target)
-            .map_err(|e| Error::io("create the shared rootfs dir", e))?;
-        mount(&rootfs, &target, None, libc::MS_BIND | libc::MS_REC, None)?;
-        points.push(target);
-        let mut mounts = Vec::new();
-        for (i, b) in binds.iter().enumerate() {
-            let src = Path::new(&b.source);
-            let t = dir.join(format!("m{i}"));
-            if src.is_dir() {
-                std::fs::create_dir_all(&t)
-            } else {
-                std::fs::write(&t, b"")
-            }
-            .map_err(|e| Error::io(format!("create {}", t.display()), e))?;
-            mount(src, &t, None, libc::MS_BIND | libc::MS_REC, None)?;
-            points.push(t);
-            let mut pm = pb::Mount::new();
-            pm.destination = b.destination.clone();
-            pm.type_ = "bind".into();
-            pm.source = format!("{}/m{i}", req.id);
-            pm.options = b.options.clone();
-            pm.share_tag = SHARE_TAG.into();
-            mounts.push(pm);
-        }
-        Ok(mounts)
-    })();
-    match result {
-        Ok(mounts) => Ok((points, mounts)),
-        Err(e) => {
-            unmount_all(&points);
-            Err(e)
-        }
-    }
-}
-
-/// Removes the pod's shared directory, unless something is still mounted under it: a
-/// recursive removal would then delete the mounted host files themselves.
 /// Tells huskd where the VM's hybrid vsock socket is (`<bundle>/husk-vsock-address`), for
 /// its port-forward streams to the agent: huskd connects there itself rather than through
 /// us, so forwarded bytes take no extra hop and we hold no per-connection state. Written
@@ -195,79 +105,6 @@ fn publish_vsock_address(bundle: &Path, uds: &Path) {
     if let Err(e) = r {
         tracing::warn!(path = %file.display(), "publish the vsock address: {e}");
     }
-}
-
-pub(super) fn remove_share(share: &Path) {
-    let prefix = format!("{}/", share.display());
-    let busy = std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .any(|m| m.starts_with(&prefix));
-    if busy {
-        tracing::warn!(
-            "{} still has mounts under it; left in place",
-            share.display()
-        );
-    } else if let Err(e) = std::fs::remove_dir_all(share) {
-        tracing::warn!("remove {}: {e}", share.display());
-    }
-}
-
-/// A process's output from the agent as an `AsyncRead`: a task pulls ReadStdout/ReadStderr
-/// into one end of a pipe until EOF.
-fn output_reader(
-    agent: Agent,
-    id: String,
-    exec_id: String,
-    stderr: bool,
-) -> Box<dyn tokio::io::AsyncRead + Send + Unpin> {
-    let (mut w, r) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(async move {
-        loop {
-            match agent.read_output(&id, &exec_id, stderr).await {
-                Ok((data, eof)) => {
-                    if !data.is_empty() && w.write_all(&data).await.is_err() {
-                        return;
-                    }
-                    if eof {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(%id, %exec_id, "read output: {e}");
-                    return;
-                }
-            }
-        }
-    });
-    Box::new(r)
-}
-
-/// The process's stdin as an `AsyncWrite`: a task forwards what is written, and closes the
-/// process's stdin at EOF.
-fn stdin_writer(
-    agent: Agent,
-    id: String,
-    exec_id: String,
-) -> Box<dyn tokio::io::AsyncWrite + Send + Unpin> {
-    let (w, mut r) = tokio::io::duplex(64 * 1024);
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if let Err(e) = agent.write_stdin(&id, &exec_id, &buf[..n]).await {
-                        tracing::warn!(%id, %exec_id, "write stdin: {e}");
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = agent.close_stdin(&id, &exec_id).await;
-    });
-    Box::new(w)
 }
 
 impl VmRuntime {

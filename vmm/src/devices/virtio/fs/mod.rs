@@ -18,26 +18,21 @@
 //! Neither talks to virtiofsd after the handshake: the vhost-user worker does ([`backend`]).
 
 mod backend;
+mod handshake;
 mod memory;
 #[cfg(test)]
 mod tests;
+mod vring_addresses;
 pub mod watchdog;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vhost::vhost_user::message::{VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES};
-use vhost::vhost_user::{
-    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vhost::vhost_user::{Frontend, VhostUserProtocolFeatures};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::guest_warn::guest_warn;
@@ -48,6 +43,8 @@ use super::{
 };
 use crate::devices::helper_thread::HelperThread;
 use backend::{ActivateJob, Backend, VringJob};
+use handshake::{connect, handshake};
+use vring_addresses::{memory_regions, vring_config};
 use watchdog::Watchdog;
 
 pub use memory::shared_guest_memory;
@@ -69,19 +66,9 @@ const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 const PASSTHROUGH_FEATURES: u64 =
     VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
 
-/// vhost-user protocol features we use when virtiofsd has them: MQ to check it serves enough
-/// queues, REPLY_ACK so a failed SET_* is reported instead of silently ignored, RESET_DEVICE to
-/// support a guest-driven device reset. CONFIG is not used: the VMM builds config space itself.
-fn wanted_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::RESET_DEVICE
-}
-
 /// How long `Fs::new` keeps retrying to connect: virtiofsd may have been started just before
 /// and not be listening yet.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const CONNECT_RETRY: Duration = Duration::from_millis(20);
 /// Bound on one round of vhost-user messages (handshake, activation, reset).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -426,186 +413,6 @@ impl Fs {
             guest_warn!("virtio-fs: cannot stop watching the vhost-user socket: {e}");
         }
     }
-}
-
-/// Connects with retries: until `limit`, a missing socket file or a refused connection means
-/// virtiofsd may still be starting.
-fn connect(path: &Path, limit: Duration) -> Result<UnixStream, FsError> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) && Instant::now() < deadline =>
-            {
-                std::thread::sleep(CONNECT_RETRY);
-            }
-            Err(source) => {
-                return Err(FsError::Connect {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        }
-    }
-}
-
-/// SET_OWNER, features and protocol features. Returns virtiofsd's virtio features and the
-/// protocol features both sides now use.
-fn handshake(
-    frontend: &mut Frontend,
-    num_queues: usize,
-    fail: impl Fn(&'static str, vhost::Error) -> FsError,
-) -> Result<(u64, VhostUserProtocolFeatures), FsError> {
-    frontend.set_owner().map_err(|e| fail("SET_OWNER", e))?;
-    let features = frontend
-        .get_features()
-        .map_err(|e| fail("GET_FEATURES", e))?;
-    // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE, and rings would start on the
-    // first kick; virtiofsd always offers it.
-    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-        return Err(FsError::MissingBackendFeature(
-            "VHOST_USER_F_PROTOCOL_FEATURES",
-        ));
-    }
-    // We offer VERSION_1 to the guest, so virtiofsd must accept it in SET_FEATURES.
-    if features & VIRTIO_F_VERSION_1 == 0 {
-        return Err(FsError::MissingBackendFeature("VIRTIO_F_VERSION_1"));
-    }
-    let offered = frontend
-        .get_protocol_features()
-        .map_err(|e| fail("GET_PROTOCOL_FEATURES", e))?;
-    let protocol = offered & wanted_protocol_features();
-    frontend
-        .set_protocol_features(protocol)
-        .map_err(|e| fail("SET_PROTOCOL_FEATURES", e))?;
-    if protocol.contains(VhostUserProtocolFeatures::MQ) {
-        let max = frontend
-            .get_queue_num()
-            .map_err(|e| fail("GET_QUEUE_NUM", e))?;
-        if num_queues as u64 > max {
-            return Err(FsError::TooManyQueues {
-                wanted: num_queues,
-                max,
-            });
-        }
-    } else if num_queues > 2 {
-        // Without MQ a back end serves one request queue (plus hiprio).
-        return Err(FsError::TooManyQueues {
-            wanted: num_queues,
-            max: 2,
-        });
-    }
-    if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-        // From now on every SET_* waits for virtiofsd's verdict, so activation fails on the
-        // message virtiofsd rejected rather than leaving the guest with a dead device.
-        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    }
-    Ok((features, protocol))
-}
-
-/// One vhost-user memory region per guest region; each must be backed by a file virtiofsd can
-/// map.
-fn memory_regions(mem: &GuestMemory) -> Result<Vec<VhostUserMemoryRegionInfo>, ActivateError> {
-    let regions = mem
-        .iter()
-        .map(|region| {
-            if region.file_offset().is_none() {
-                return Err(ActivateError::Backend(format!(
-                    "virtio-fs needs memfd-backed guest memory so virtiofsd can map it: the region \
-                     at {:#x} is anonymous (build guest memory with fs::shared_guest_memory)",
-                    region.start_addr().raw_value()
-                )));
-            }
-            VhostUserMemoryRegionInfo::from_guest_region(region)
-                .map_err(|e| ActivateError::Backend(format!("virtio-fs: guest memory region: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if regions.len() > MAX_ATTACHED_FD_ENTRIES {
-        return Err(ActivateError::Backend(format!(
-            "virtio-fs: {} guest memory regions, vhost-user carries at most {MAX_ATTACHED_FD_ENTRIES}",
-            regions.len()
-        )));
-    }
-    Ok(regions)
-}
-
-/// The host addresses of a queue's rings, checked: each ring must lie inside one guest memory
-/// region (virtiofsd gets host addresses, which are contiguous only within a mapping) and be
-/// aligned as the virtio spec requires.
-fn vring_config(
-    mem: &GuestMemory,
-    index: usize,
-    queue: &Queue,
-    max_size: u16,
-) -> Result<VringConfigData, ActivateError> {
-    let size = queue.size();
-    if size == 0 || !size.is_power_of_two() || size > max_size {
-        return Err(ActivateError::Backend(format!(
-            "virtio-fs: queue {index} has invalid size {size} (max {max_size})"
-        )));
-    }
-    let n = u64::from(size);
-    // Sizes include the event-index fields (used_event / avail_event) at the rings' ends.
-    let desc = host_address(
-        mem,
-        index,
-        "descriptor table",
-        queue.desc_table(),
-        16 * n,
-        16,
-    )?;
-    let avail = host_address(
-        mem,
-        index,
-        "available ring",
-        queue.avail_ring(),
-        6 + 2 * n,
-        2,
-    )?;
-    let used = host_address(mem, index, "used ring", queue.used_ring(), 6 + 8 * n, 4)?;
-    Ok(VringConfigData {
-        queue_max_size: max_size,
-        queue_size: size,
-        flags: 0,
-        desc_table_addr: desc,
-        used_ring_addr: used,
-        avail_ring_addr: avail,
-        log_addr: None,
-    })
-}
-
-fn host_address(
-    mem: &GuestMemory,
-    index: usize,
-    what: &str,
-    addr: u64,
-    len: u64,
-    align: u64,
-) -> Result<u64, ActivateError> {
-    let bad = |why: &str| {
-        ActivateError::Backend(format!(
-            "virtio-fs: queue {index} {what} at {addr:#x} ({len:#x} bytes) {why}"
-        ))
-    };
-    // `align` is a power of two.
-    if addr & (align - 1) != 0 {
-        return Err(bad("is misaligned"));
-    }
-    let region = mem
-        .find_region(GuestAddress(addr))
-        .ok_or_else(|| bad("is outside guest memory"))?;
-    let offset = addr - region.start_addr().raw_value();
-    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
-        return Err(bad("runs past the end of its memory region"));
-    }
-    let host = region
-        .get_host_address(MemoryRegionAddress(offset))
-        .map_err(|e| bad(&e.to_string()))?;
-    Ok(host as u64)
 }
 
 impl Fs {

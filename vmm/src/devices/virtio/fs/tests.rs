@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use husk_vmm_api::virtiofsd_path;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
 

@@ -1,7 +1,9 @@
 use super::*;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::test_utils::guest_memory;
-use crate::devices::virtio::{INT_CONFIG, INT_VRING, TYPE_BLOCK};
+use crate::devices::virtio::{
+    Activation, INT_CONFIG, INT_VRING, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use proptest::prelude::*;
 
