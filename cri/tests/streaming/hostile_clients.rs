@@ -59,6 +59,23 @@ async fn frames_until_close(c: &mut TcpStream) -> Vec<Frame> {
     }
 }
 
+/// Reads frames until the server closes, asserts a GOAWAY with PROTOCOL_ERROR among them;
+/// returns them.
+async fn closed_with_protocol_error(c: &mut TcpStream) -> Vec<Frame> {
+    let frames = frames_until_close(c).await;
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            Frame::GoAway {
+                status: goaway::PROTOCOL_ERROR,
+                ..
+            }
+        )),
+        "{frames:?}"
+    );
+    frames
+}
+
 async fn still_serves(s: &StreamingServer) {
     let url = s.exec_url(exec_req("echo ok", false)).unwrap();
     let v = node(&["exec", &url, "v4.channel.k8s.io", "-"]).await;
@@ -75,17 +92,7 @@ async fn garbage_after_upgrade_gets_goaway_and_close() {
         .to_ascii_lowercase()
         .contains("x-stream-protocol-version: v4.channel.k8s.io"));
     c.write_all(&[0xff; 64]).await.unwrap();
-    let frames = frames_until_close(&mut c).await;
-    assert!(
-        frames.iter().any(|f| matches!(
-            f,
-            Frame::GoAway {
-                status: goaway::PROTOCOL_ERROR,
-                ..
-            }
-        )),
-        "{frames:?}"
-    );
+    closed_with_protocol_error(&mut c).await;
     still_serves(&s).await;
 }
 
@@ -111,17 +118,7 @@ async fn header_block_inflating_past_the_limit_closes_the_connection() {
     .unwrap();
     assert!(out.len() < 8192);
     c.write_all(&out).await.unwrap();
-    let frames = frames_until_close(&mut c).await;
-    assert!(
-        frames.iter().any(|f| matches!(
-            f,
-            Frame::GoAway {
-                status: goaway::PROTOCOL_ERROR,
-                ..
-            }
-        )),
-        "{frames:?}"
-    );
+    let frames = closed_with_protocol_error(&mut c).await;
     assert!(!frames.iter().any(|f| matches!(f, Frame::SynReply { .. })));
     still_serves(&s).await;
 }
