@@ -414,7 +414,7 @@ impl Shim {
         Ok(())
     }
 
-    /// Deletes an exited exec process.
+    /// Deletes an exited process (`exec_id` empty: the container's init).
     pub async fn delete_exec(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
         let req = api::DeleteRequest {
             id: id.into(),
@@ -441,30 +441,14 @@ impl Shim {
         Ok(r.pid)
     }
 
+    /// Signals every process of the container.
     pub async fn kill(&self, id: &str, signal: u32) -> Result<(), ShimError> {
-        let req = api::KillRequest {
-            id: id.into(),
-            signal,
-            all: true,
-            ..Default::default()
-        };
-        self.client
-            .kill(ctx(), &req)
-            .await
-            .map_err(call_err("Kill"))?;
-        Ok(())
+        self.signal(id, "", signal, true).await
     }
 
+    /// Deletes an exited container's task (its init process).
     pub async fn delete(&self, id: &str) -> Result<(), ShimError> {
-        let req = api::DeleteRequest {
-            id: id.into(),
-            ..Default::default()
-        };
-        self.client
-            .delete(ctx(), &req)
-            .await
-            .map_err(call_err("Delete"))?;
-        Ok(())
+        self.delete_exec(id, "").await
     }
 
     /// Update of a task's resources; `resources` is the OCI LinuxResources as JSON.

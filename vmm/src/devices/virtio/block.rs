@@ -23,9 +23,9 @@ use virtio_bindings::bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
-use vmm_sys_util::epoll::EventSet;
 
 use super::activation::DeviceActivation;
+use super::single_queue::{self, SingleQueueDevice, EV_ACTIVATE, EV_QUEUE};
 use super::{
     read_config_bytes, ActivateError, Activation, GuestMemory, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1,
@@ -43,10 +43,6 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const MAX_CHAIN_DESCS: usize = QUEUE_SIZE as usize;
 const HEADER_LEN: usize = 16;
 const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
-
-const EV_ACTIVATE: u32 = 0;
-const EV_QUEUE: u32 = 1;
-const EV_RATE_LIMITER: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -465,44 +461,31 @@ impl VirtioDevice for Block {
     }
 }
 
-impl MutEventSubscriber for Block {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.activation.init(ops);
-        if let Some(l) = &self.limiter {
-            if let Err(e) = ops.add(Events::with_data(l, EV_RATE_LIMITER, EventSet::IN)) {
-                error!("virtio-blk: cannot register the rate limiter: {e}");
-            }
-        }
+impl SingleQueueDevice for Block {
+    const NAME: &'static str = "virtio-blk";
+
+    fn activation(&mut self) -> &mut DeviceActivation {
+        &mut self.activation
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            EV_ACTIVATE => {
-                if self.activation.on_event(ops) {
-                    // Requests the driver queued before the loop registered the queue.
-                    self.process_queue();
-                }
-            }
-            EV_QUEUE => {
-                self.activation.clear_queue_event(EV_QUEUE);
-                self.process_queue();
-            }
-            EV_RATE_LIMITER => {
-                if let Some(l) = &mut self.limiter {
-                    l.on_timer();
-                }
-                self.process_queue();
-            }
-            other => guest_warn!("virtio-blk: unexpected event {other}"),
-        }
+    fn limiter(&mut self) -> Option<&mut RateLimiter> {
+        self.limiter.as_mut()
+    }
+
+    fn process_queue(&mut self) {
+        Block::process_queue(self)
     }
 }
 
-/// Driver-side queue handling for device unit tests: lays a split queue out in guest memory
-/// (with virtio-queue's mock), then adds chains and reads used entries across many
-/// requests, which `MockSplitQueue` alone cannot do without borrowing the memory for good.
-#[cfg(test)]
-pub(crate) mod test_queue;
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        single_queue::init(self, ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        single_queue::process(self, events, ops);
+    }
+}
 
 #[cfg(test)]
 mod tests;

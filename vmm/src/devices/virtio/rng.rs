@@ -11,9 +11,9 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, error};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::EventSet;
 
 use super::activation::DeviceActivation;
+use super::single_queue::{self, SingleQueueDevice, EV_ACTIVATE, EV_QUEUE};
 use super::{ActivateError, Activation, GuestMemory, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1};
 use crate::devices::guest_warn::guest_warn;
 use crate::devices::rate_limiter::RateLimiter;
@@ -22,10 +22,6 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out for one request; the rest of a larger chain stays untouched.
 pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 const ENTROPY_SOURCE: &str = "/dev/urandom";
-
-const EV_ACTIVATE: u32 = 0;
-const EV_QUEUE: u32 = 1;
-const EV_RATE_LIMITER: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
@@ -166,46 +162,38 @@ impl VirtioDevice for Rng {
     }
 }
 
+impl SingleQueueDevice for Rng {
+    const NAME: &'static str = "virtio-rng";
+
+    fn activation(&mut self) -> &mut DeviceActivation {
+        &mut self.activation
+    }
+
+    fn limiter(&mut self) -> Option<&mut RateLimiter> {
+        self.limiter.as_mut()
+    }
+
+    fn process_queue(&mut self) {
+        Rng::process_queue(self)
+    }
+}
+
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        self.activation.init(ops);
-        if let Some(l) = &self.limiter {
-            if let Err(e) = ops.add(Events::with_data(l, EV_RATE_LIMITER, EventSet::IN)) {
-                error!("virtio-rng: cannot register the rate limiter: {e}");
-            }
-        }
+        single_queue::init(self, ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            EV_ACTIVATE => {
-                if self.activation.on_event(ops) {
-                    // Requests the driver queued before the loop registered the queue.
-                    self.process_queue();
-                }
-            }
-            EV_QUEUE => {
-                self.activation.clear_queue_event(EV_QUEUE);
-                self.process_queue();
-            }
-            EV_RATE_LIMITER => {
-                if let Some(l) = &mut self.limiter {
-                    l.on_timer();
-                }
-                self.process_queue();
-            }
-            other => guest_warn!("virtio-rng: unexpected event {other}"),
-        }
+        single_queue::process(self, events, ops);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::test_queue::{r, w, TestQueue};
+    use crate::devices::virtio::test_queue::{check_one_queue_activation_cycle, r, w, TestQueue};
     use crate::devices::virtio::test_utils::guest_memory;
     use crate::devices::virtio::IrqTrigger;
-    use event_manager::{EventManager, SubscriberOps};
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -304,68 +292,10 @@ mod tests {
     #[test]
     fn activation_goes_through_the_event_loop() {
         let mem = guest_memory(MEM_SIZE);
-        let mut queue = TestQueue::new(&mem, 0, 16);
-        let mut em = EventManager::<Rng>::new().unwrap();
-        let id = em.add_subscriber(Rng::new().unwrap());
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let kick = evt.try_clone().unwrap();
-        let irq = IrqTrigger::new().unwrap();
-        let rng = em.subscriber_mut(id).unwrap();
+        let rng = Rng::new().unwrap();
         assert_eq!(rng.device_type(), TYPE_RNG);
         assert_eq!(rng.queue_max_sizes(), &[QUEUE_SIZE]);
-        let err = rng
-            .activate(Activation {
-                mem: mem.clone(),
-                queues: vec![],
-                queue_evts: vec![],
-                irq: irq.clone(),
-            })
-            .unwrap_err();
-        assert!(matches!(err, ActivateError::QueueCount { expected: 1, .. }));
-        rng.activate(Activation {
-            mem: mem.clone(),
-            queues: vec![queue.take_queue()],
-            queue_evts: vec![evt],
-            irq: irq.clone(),
-        })
-        .unwrap();
-        assert!(em.run_with_timeout(1000).unwrap() >= 1);
-
-        queue.add(&mem, &[w(BUF, 32)]);
-        kick.write(1).unwrap();
-        assert!(em.run_with_timeout(1000).unwrap() >= 1);
-        assert_eq!(queue.used(&mem, 0).1, 32);
-        assert_eq!(irq.evt.read().unwrap(), 1);
-
-        // Reset: the old queue is dead, and a second activation serves the new one.
-        let rng = em.subscriber_mut(id).unwrap();
-        assert!(rng.reset());
-        assert!(!rng.is_activated());
-        em.run_with_timeout(100).unwrap();
-        queue.add(&mem, &[w(BUF, 32)]);
-        kick.write(1).unwrap();
-        em.run_with_timeout(100).unwrap();
-        assert_eq!(
-            queue.used_idx(&mem),
-            1,
-            "a reset device served its old queue"
-        );
-        let mut second = TestQueue::new(&mem, 0x4000, 16);
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let kick = evt.try_clone().unwrap();
-        em.subscriber_mut(id)
-            .unwrap()
-            .activate(Activation {
-                mem: mem.clone(),
-                queues: vec![second.take_queue()],
-                queue_evts: vec![evt],
-                irq: irq.clone(),
-            })
-            .unwrap();
-        em.run_with_timeout(100).unwrap();
-        second.add(&mem, &[w(BUF, 32)]);
-        kick.write(1).unwrap();
-        assert!(em.run_with_timeout(1000).unwrap() >= 1);
-        assert_eq!(second.used(&mem, 0).1, 32);
+        let used = check_one_queue_activation_cycle(rng, &mem, &[w(BUF, 32)]);
+        assert_eq!(used, [32, 32]);
     }
 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::devices::virtio::block::test_queue::{r, w, TestQueue};
+use crate::devices::virtio::test_queue::{r, w, TestQueue};
 use crate::devices::virtio::test_utils::guest_memory;
 use crate::devices::virtio::{GuestMemory, IrqTrigger};
 use event_manager::{EventManager, SubscriberOps};
