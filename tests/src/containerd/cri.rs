@@ -246,25 +246,8 @@ impl Cri {
         Ok(r.status.expect("ContainerStatus answered without a status"))
     }
 
-    /// Whether PodSandboxStatus says the pod is SANDBOX_READY.
-    pub async fn pod_ready(&mut self, pod_id: &str) -> Result<bool> {
-        let r = call(
-            "PodSandboxStatus",
-            self.rt
-                .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod_id.into(),
-                    verbose: false,
-                })
-                .await,
-        )?;
-        let st = r
-            .status
-            .expect("PodSandboxStatus answered without a status");
-        Ok(st.state == cri::PodSandboxState::SandboxReady as i32)
-    }
-
-    /// The pod's IP as CNI gave it (PodSandboxStatus `network.ip`).
-    pub async fn pod_ip(&mut self, pod_id: &str) -> Result<String> {
+    /// PodSandboxStatus's status of the pod.
+    async fn pod_status(&mut self, pod_id: &str) -> Result<cri::PodSandboxStatus> {
         let r = call(
             "PodSandboxStatus",
             self.rt
@@ -275,9 +258,19 @@ impl Cri {
                 .await,
         )?;
         Ok(r.status
-            .and_then(|s| s.network)
-            .map(|n| n.ip)
-            .unwrap_or_default())
+            .expect("PodSandboxStatus answered without a status"))
+    }
+
+    /// Whether PodSandboxStatus says the pod is SANDBOX_READY.
+    pub async fn pod_ready(&mut self, pod_id: &str) -> Result<bool> {
+        let st = self.pod_status(pod_id).await?;
+        Ok(st.state == cri::PodSandboxState::SandboxReady as i32)
+    }
+
+    /// The pod's IP as CNI gave it (PodSandboxStatus `network.ip`).
+    pub async fn pod_ip(&mut self, pod_id: &str) -> Result<String> {
+        let st = self.pod_status(pod_id).await?;
+        Ok(st.network.map(|n| n.ip).unwrap_or_default())
     }
 
     /// ContainerStats of one container.
