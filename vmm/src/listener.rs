@@ -12,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 /// The longest path `sockaddr_un` holds, without its terminating NUL.
 const SUN_PATH_MAX: usize = 107;
@@ -47,6 +48,10 @@ fn private_name(path: &Path) -> Option<PathBuf> {
 }
 
 fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
+    // Two binds at once (test threads) would otherwise save each other's narrowed mask as
+    // the one to restore, and leave it for good.
+    static UMASK: Mutex<()> = Mutex::new(());
+    let _swap = UMASK.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: umask only swaps the process's file mode mask.
     let old_mask = unsafe { libc::umask(0o177) };
     let bound = UnixListener::bind(path);

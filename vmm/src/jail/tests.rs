@@ -252,6 +252,12 @@ fn jailed_process_is_confined() {
     std::fs::create_dir(&existing).unwrap();
     std::fs::write(existing.join("marker"), "x").unwrap();
     std::fs::create_dir(existing.join("sub")).unwrap();
+    // The jailed user reads them: modes set here, not left to the umask, which another
+    // test thread may hold narrowed for a moment (listener::bind_owner_only).
+    for (p, mode) in [("", 0o755), ("marker", 0o644), ("sub", 0o755)] {
+        let perms = std::os::unix::fs::PermissionsExt::from_mode(mode);
+        std::fs::set_permissions(existing.join(p), perms).unwrap();
+    }
 
     run_child("child_enter_jail", tmp.as_path());
 
