@@ -7,19 +7,9 @@ mod common;
 use common::*;
 use husk_proto::agent as pb;
 
+/// `ip ARGS` in the network namespace of process `pid`.
 fn ip_in_pid(pid: i32, args: &[&str]) -> String {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .arg("ip")
-        .args(args)
-        .output()
-        .expect("nsenter ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ip_in(std::path::Path::new(&format!("/proc/{pid}/ns/net")), args)
 }
 
 #[tokio::test]

@@ -428,6 +428,22 @@ pub fn code(r: ttrpc::Result<impl std::fmt::Debug>) -> ttrpc::Code {
     }
 }
 
+/// Runs `ip ARGS` inside the network namespace at `netns` (a bind mount or /proc/PID/ns/net).
+pub fn ip_in(netns: &Path, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("ip")
+        .args(args)
+        .output()
+        .expect("nsenter ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A default process for exec.
 pub fn process(args: &[&str]) -> Value {
     spec(args)["process"].clone()

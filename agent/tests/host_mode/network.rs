@@ -4,22 +4,6 @@ use husk_proto::agent as pb;
 
 use crate::common::*;
 
-/// Runs `ip ARGS` inside the sandbox's network namespace.
-fn ip_in(netns: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("ip")
-        .args(args)
-        .output()
-        .expect("nsenter ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test]
 async fn network_rpcs_configure_the_sandbox_namespace() {
     if !can_run() {
